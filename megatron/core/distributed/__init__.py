@@ -1,0 +1,151 @@
+"""Data parallelism around a single-device model: gradient reduction and the optimizer over it.
+
+`DataParallel(model, groups, parallel_cfg)` gives the model flat gradient buffers (see
+`param_and_grad_buffer`), reduces them once per optimizer step (overlapped with backward under
+`--overlap-grad-reduce`), computes the global gradient norm, clips, and builds the optimizer:
+plain AdamW over the parameters, or with `--use-distributed-optimizer` AdamW over this rank's
+shard of them followed by an all-gather of the updated parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core.config import OptimizerConfig, ParallelConfig
+from megatron.core.distributed.param_and_grad_buffer import Section
+from megatron.core.optimizer import adamw, is_expert_param, param_groups
+from megatron.core.parallel_state import ProcessGroups
+
+DEFAULT_BUCKET_SIZE = 40_000_000
+
+
+class DataParallel:
+    """Owns gradient buffers and their reduction for `model` (a plain nn.Module)."""
+
+    def __init__(self, model: nn.Module, groups: ProcessGroups, parallel: ParallelConfig):
+        self.model = model
+        self.groups = groups
+        self.shard = parallel.use_distributed_optimizer
+        self.overlap = parallel.overlap_grad_reduce
+        bucket = parallel.ddp_bucket_size or max(DEFAULT_BUCKET_SIZE, 1)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        dense = [p for n, p in reversed(named) if not is_expert_param(n)]
+        expert = [p for n, p in reversed(named) if is_expert_param(n)]
+        scale = 1.0 / groups.dp_size
+        device = groups.device
+        self.dense = Section(dense, groups.dp, scale, self.shard, bucket, device)
+        self.expert = Section(expert, groups.expert_dp, scale, self.shard, bucket, device)
+        self.sections = [s for s in (self.dense, self.expert) if s.params]
+        # Groups over which each section's local squared norm is summed to the global norm.
+        world_group = groups.dp  # TP = PP = 1: the data-parallel group spans every rank
+        self.norm_groups = {
+            id(self.dense): groups.dp if self.shard else None,
+            id(self.expert): world_group if self.shard else groups.ep,
+        }
+        self._sync_enabled = True
+        self._started: set = set()
+        if self.overlap:
+            self._register_hooks()
+
+    # ------------------------------------------------------------------ reduction
+    def _register_hooks(self) -> None:
+        for section in self.sections:
+            owner = section.bucket_of()
+            for p in section.params:
+                p.register_post_accumulate_grad_hook(self._make_hook(section, owner[p]))
+
+    def _make_hook(self, section: Section, bucket):
+        def hook(param: torch.Tensor) -> None:
+            if not self._sync_enabled:
+                return
+            bucket.pending.discard(param)
+            if not bucket.pending and id(bucket) not in self._started:
+                self._started.add(id(bucket))
+                section.start_bucket(bucket)
+        return hook
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate gradients without reducing them."""
+        self._sync_enabled = False
+        try:
+            yield
+        finally:
+            self._sync_enabled = True
+
+    def zero_grad(self) -> None:
+        for section in self.sections:
+            section.zero_grad()
+            for b in section.buckets:
+                b.pending = set(b.params)
+        self._started = set()
+
+    def finish_grad_sync(self) -> None:
+        """Reduce every bucket not yet reduced and wait for all of them."""
+        for section in self.sections:
+            section.finish(self._started)
+        self._started = set()
+
+    # ------------------------------------------------------------------ norms and clipping
+    def _owned_grads(self, section: Section) -> list[torch.Tensor]:
+        if not self.shard:
+            return [section.grad_buffer]
+        return [section.local_chunk(section.grad_buffer, b) for b in section.buckets]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the reduced gradients of the whole model, identical on every rank."""
+        total = torch.zeros((), dtype=torch.float32, device=self.groups.device)
+        for section in self.sections:
+            sq = sum((g.float().square().sum() for g in self._owned_grads(section)), start=total.new_zeros(()))
+            group = self.norm_groups[id(section)]
+            if group is not None and dist.get_world_size(group) > 1:
+                dist.all_reduce(sq, group=group)
+            total = total + sq
+        return math.sqrt(total.item())
+
+    def scale_grads(self, factor: float) -> None:
+        for section in self.sections:
+            for g in self._owned_grads(section):
+                g.mul_(factor)
+
+    # ------------------------------------------------------------------ optimizer
+    def build_optimizer(self, cfg: OptimizerConfig) -> "Optimizer":
+        if not self.shard:
+            return Optimizer(adamw(param_groups(self.model, cfg.weight_decay), cfg), [])
+        names = {p: n for n, p in self.model.named_parameters()}
+        decay, no_decay = [], []
+        for section in self.sections:
+            for p, shard in section.shard_views():
+                no_wd = p.dim() == 1 or names[p].endswith(".bias")
+                (no_decay if no_wd else decay).append(shard)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return Optimizer(adamw(groups, cfg), self.sections)
+
+
+class Optimizer:
+    """AdamW, plus the parameter all-gather that follows a sharded step."""
+
+    def __init__(self, inner: torch.optim.Optimizer, sharded_sections: list[Section]):
+        self.inner = inner
+        self.sharded_sections = sharded_sections
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def step(self) -> None:
+        self.inner.step()
+        for section in self.sharded_sections:
+            section.all_gather_params()
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)

@@ -1,0 +1,106 @@
+"""GPTModel: embedding -> TransformerBlock -> final norm -> output layer -> loss.
+
+Written once for a single device; parallelism enters only through the process groups handed
+to the MoE layers' dispatchers and routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.config import ModelConfig
+from megatron.core.transformer import init
+from megatron.core.transformer.layer import TransformerBlock
+from megatron.core.transformer.moe.router import RouterOutput
+from megatron.core.transformer.rope import RotaryEmbedding
+
+
+class LanguageModelEmbedding(nn.Module):
+    """tokens_BS (+ position_ids_BS) -> x_BSD: word embedding, learned positions, dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        std = init.init_std(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        init.normal_(self.word_embeddings.weight, std)
+        self.position_embeddings = None
+        if config.position_embedding_type == "learned_absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            init.normal_(self.position_embeddings.weight, std)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, tokens_BS: torch.Tensor, position_ids_BS: torch.Tensor) -> torch.Tensor:
+        x_BSD = self.word_embeddings(tokens_BS)
+        if self.position_embeddings is not None:
+            x_BSD = x_BSD + self.position_embeddings(position_ids_BS)
+        return self.dropout(x_BSD)
+
+
+@dataclass
+class GPTOutput:
+    """logits_BSV: output logits (None when a loss was asked for, to save memory).
+    lm_loss: mean cross-entropy over tokens with loss_mask = 1 (None without labels).
+    aux_loss: sum of the MoE layers' coefficient-scaled auxiliary losses (0 for dense);
+        add it to what is backpropagated, never to the reported LM loss.
+    routings: one RouterOutput per MoE layer, in layer order.
+    """
+
+    logits_BSV: Optional[torch.Tensor]
+    lm_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor
+    routings: list[RouterOutput] = field(default_factory=list)
+
+
+class GPTModel(nn.Module):
+    """A GPT decoder, dense or MoE, with Megatron-Core parameter names."""
+
+    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute_layers: Optional[list] = None):
+        super().__init__()
+        self.config = config
+        self.embedding = LanguageModelEmbedding(config)
+        self.rotary_pos_emb = None
+        if config.position_embedding_type == "rope":
+            self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent, config.rotary_base)
+        self.decoder = TransformerBlock(config, ep_group, dp_group, recompute_layers)
+        self.output_layer = None
+        if config.untie_embeddings_and_output_weights:
+            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            init.normal_(self.output_layer.weight, init.init_std(config))
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
+
+    def forward(self, tokens_BS: torch.Tensor, position_ids_BS: Optional[torch.Tensor] = None,
+                labels_BS: Optional[torch.Tensor] = None, loss_mask_BS: Optional[torch.Tensor] = None) -> GPTOutput:
+        B, S = tokens_BS.shape
+        if position_ids_BS is None:
+            position_ids_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+        x_BSD = self.embedding(tokens_BS, position_ids_BS)
+        rope = None
+        if self.rotary_pos_emb is not None:
+            rope = self.rotary_pos_emb(position_ids_BS[0] if _same_rows(position_ids_BS) else position_ids_BS)
+        h_BSD, routings = self.decoder(x_BSD, rope)
+        logits_BSV = F.linear(h_BSD, self.output_weight())
+        aux = sum((r.aux_loss for r in routings), start=h_BSD.new_zeros((), dtype=torch.float32))
+        if labels_BS is None:
+            return GPTOutput(logits_BSV, None, aux, routings)
+        return GPTOutput(None, language_model_loss(logits_BSV, labels_BS, loss_mask_BS), aux, routings)
+
+
+def _same_rows(position_ids_BS: torch.Tensor) -> bool:
+    return position_ids_BS.stride(0) == 0 or position_ids_BS.shape[0] == 1
+
+
+def language_model_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,
+                        loss_mask_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 over positions where loss_mask_BS is 1."""
+    losses = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
+    if loss_mask_BS is None:
+        return losses.mean()
+    mask = loss_mask_BS.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,160 @@
+"""Process groups of one run, all cut from one DeviceMesh, held in an object passed around.
+
+Mesh layout (TP = PP = 1 for now): shape (world / EP, EP) with dims ("expert_dp", "ep").
+Expert-parallel groups are runs of consecutive ranks, so that EP stays inside a node where it
+can; the expert-data-parallel group joins the ranks holding the same experts; the data-parallel
+group of the dense parameters is the whole mesh, flattened.
+
+No module-level state: `initialize` returns a `ProcessGroups`, and code that needs a group
+receives it as an argument.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.config import ParallelConfig
+
+
+@dataclass
+class LaunchEnv:
+    """Rank layout from the launcher: torchrun's variables, else slurm's (srun without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def launch_env(environ: Optional[dict] = None) -> LaunchEnv:
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return LaunchEnv(int(env.get("RANK", 0)), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return LaunchEnv()
+
+
+def _export_slurm_rendezvous(env: LaunchEnv) -> None:
+    """Under plain srun, point torch's env:// rendezvous at the first node of the allocation."""
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if "MASTER_ADDR" not in os.environ:
+        nodelist = os.environ.get("SLURM_JOB_NODELIST", os.environ.get("SLURM_NODELIST", "localhost"))
+        os.environ["MASTER_ADDR"] = first_slurm_host(nodelist)
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """'gpu[012-015,020],cpu1' -> 'gpu012'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+@dataclass
+class ProcessGroups:
+    """Who this rank is and the groups it talks over. Groups are None in a single process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: Optional[str] = None
+    mesh: Optional[object] = None
+    dp: Optional[dist.ProcessGroup] = None
+    """Data-parallel group of the dense (non-expert) parameters: all ranks at TP = PP = 1."""
+    ep: Optional[dist.ProcessGroup] = None
+    """Expert-parallel group: ranks that split one MoE layer's experts between them."""
+    expert_dp: Optional[dist.ProcessGroup] = None
+    """Expert-data-parallel group: ranks holding replicas of the same experts."""
+
+    @property
+    def dp_size(self) -> int:
+        return _size(self.dp)
+
+    @property
+    def dp_rank(self) -> int:
+        return _rank(self.dp)
+
+    @property
+    def ep_size(self) -> int:
+        return _size(self.ep)
+
+    @property
+    def ep_rank(self) -> int:
+        return _rank(self.ep)
+
+    @property
+    def expert_dp_size(self) -> int:
+        return _size(self.expert_dp)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def default_device(backend: Optional[str], local_rank: int) -> torch.device:
+    if backend == "gloo" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def initialize(parallel: ParallelConfig) -> ProcessGroups:
+    """Start torch.distributed (when world size > 1) and cut the groups from one DeviceMesh."""
+    env = launch_env()
+    if env.world_size == 1 and not dist.is_initialized():
+        backend = parallel.distributed_backend
+        return ProcessGroups(device=default_device(backend, 0), backend=backend)
+    backend = parallel.distributed_backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = default_device(backend, env.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        _export_slurm_rendezvous(env)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
+    return groups_from_mesh(parallel.expert_model_parallel_size, device, backend)
+
+
+def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None) -> ProcessGroups:
+    """ProcessGroups for an initialised default group, from a ("expert_dp", "ep") DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh(device.type, (world // ep_size, ep_size), mesh_dim_names=("expert_dp", "ep"))
+    dp_mesh = mesh._flatten("dp")
+    return ProcessGroups(
+        rank=rank,
+        world_size=world,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        device=device,
+        backend=backend,
+        mesh=mesh,
+        dp=dp_mesh.get_group(),
+        ep=mesh["ep"].get_group(),
+        expert_dp=mesh["expert_dp"].get_group(),
+    )
+
+
+def destroy(groups: ProcessGroups) -> None:
+    if groups.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()

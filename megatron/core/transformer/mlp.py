@@ -1,0 +1,37 @@
+"""The dense feed-forward block: SwiGLU or GELU.
+
+`linear_fc1` maps D -> 2F for SwiGLU (gate half first, then the up half, as Megatron-Core) or
+D -> F for GELU; `linear_fc2` maps F -> D.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron.core.config import ModelConfig
+from megatron.core.transformer import init
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] -> [..., F]: silu(gate) * up, gate being the first half."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activation(config: ModelConfig):
+    return swiglu if config.swiglu else F.gelu
+
+
+class MLP(nn.Module):
+    """x_BSD -> y_BSD through an FFN of hidden size `ffn_hidden_size`."""
+
+    def __init__(self, config: ModelConfig, ffn_hidden_size: int):
+        super().__init__()
+        fc1_out = 2 * ffn_hidden_size if config.swiglu else ffn_hidden_size
+        self.linear_fc1 = init.linear(config.hidden_size, fc1_out, config.add_bias_linear, init.init_std(config))
+        self.linear_fc2 = init.linear(ffn_hidden_size, config.hidden_size, config.add_bias_linear,
+                                      init.output_init_std(config))
+        self.act = activation(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_fc2(self.act(self.linear_fc1(x)))

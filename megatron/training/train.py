@@ -1,0 +1,298 @@
+"""The training loop: micro-batches -> forward/backward -> grad reduce -> clip -> AdamW -> LR.
+
+    pretrain(cfg)                 set up groups, model, optimizer, data; resume; train; evaluate
+      Trainer.train_step(batches) one optimizer step over this rank's micro-batches
+      Trainer.evaluate(dataset)   mean LM loss over `eval_iters` global batches
+
+The reported LM loss never includes the MoE auxiliary losses; those are added only to what is
+backpropagated, and reported separately (averaged over MoE layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.config import Config
+from megatron.core.distributed import DataParallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer.grad_scaler import LossScaler
+from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
+from megatron.core.parallel_state import ProcessGroups
+from megatron.core.transformer.moe.router import RouterStats
+from megatron.training import checkpointing
+from megatron.training.data import build_datasets, build_loader, micro_batches
+from megatron.training.flops import training_flops_per_iteration
+from megatron.training.logger import MoELayerLoad, StepResult, TrainingLogger, print_rank_0
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint must carry to resume exactly."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    floating_point_operations_so_far: float = 0.0
+
+
+def recompute_plan(cfg: Config) -> list[Optional[str]]:
+    """Per layer: None, 'full', 'selective' or 'moe' activation recompute."""
+    t, L = cfg.training, cfg.model.num_layers
+    if t.recompute_granularity == "full":
+        return ["full"] * L
+    if t.recompute_granularity == "selective":
+        return ["selective"] * L
+    return ["moe" if t.moe_layer_recompute else None] * L
+
+
+def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
+    """The model on this rank's device, initialised from `--seed` (identically on every rank,
+    and each expert identically under any expert-parallel layout)."""
+    torch.manual_seed(cfg.training.seed)
+    with torch.device(groups.device):
+        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp, recompute_layers=recompute_plan(cfg))
+
+
+class Trainer:
+    """Model, data-parallel gradients, optimizer, schedule and scaler of one run."""
+
+    def __init__(self, cfg: Config, groups: ProcessGroups):
+        self.cfg = cfg
+        self.groups = groups
+        self.model = build_model(cfg, groups)
+        self.dp = DataParallel(self.model, groups, cfg.parallel)
+        self.optimizer = self.dp.build_optimizer(cfg.optimizer)
+        self.scheduler = OptimizerParamScheduler(self.optimizer, cfg.optimizer)
+        t = cfg.training
+        self.scaler = (LossScaler(t.initial_loss_scale, t.min_loss_scale, t.loss_scale_window, t.hysteresis,
+                                  t.loss_scale) if t.fp16 else None)
+        self.routers = [layer.mlp.router for layer in self.model.decoder.layers if layer.is_moe]
+        self.state = TrainState()
+        self.autocast_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.groups.device.type, dtype=self.autocast_dtype)
+
+    def forward(self, batch: dict):
+        with self.autocast():
+            return self.model(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self, batches: list[dict]) -> StepResult:
+        """Forward/backward over this rank's micro-batches, then one optimizer step."""
+        self.model.train()
+        self.dp.zero_grad()
+        n = len(batches)
+        lm_sum = torch.zeros((), device=self.groups.device)
+        stats: Optional[list[RouterStats]] = None
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == n - 1 else self.dp.no_sync()
+            with sync:
+                out = self.forward(batch)
+                loss = (out.lm_loss + out.aux_loss) / n
+                (loss * self.scaler.scale if self.scaler else loss).backward()
+            lm_sum += out.lm_loss.detach()
+            step_stats = [r.stats for r in out.routings]
+            stats = step_stats if stats is None else [a + b for a, b in zip(stats, step_stats)]
+        self.dp.finish_grad_sync()
+        lm_loss, aux, loads = self._reduce_metrics(lm_sum / n, stats or [], n)
+
+        if self.scaler is not None:
+            self.dp.scale_grads(1.0 / self.scaler.scale)
+        grad_norm = self.dp.grad_norm()
+        nan = not math.isfinite(lm_loss)
+        if nan and self.cfg.training.check_for_nan_in_loss_and_grad:
+            raise FloatingPointError(
+                f"NaN lm loss at iteration {self.state.iteration + 1} (rank {self.groups.rank}); "
+                "pass --no-check-for-nan-in-loss-and-grad to skip such steps instead")
+        skipped = not math.isfinite(grad_norm)
+        if self.scaler is not None:
+            self.scaler.update(found_inf=skipped)
+        if not skipped:
+            clip = self.cfg.optimizer.clip_grad
+            if clip > 0 and grad_norm > clip:
+                self.dp.scale_grads(clip / (grad_norm + 1e-6))
+            self.optimizer.step()
+            self.scheduler.step()
+            for router, load in zip(self.routers, loads):
+                router.update_expert_bias(load.tokens_per_expert_E)
+        return StepResult(lm_loss, aux, loads, grad_norm, self.scheduler.lr,
+                          self.scaler.scale if self.scaler else None, skipped, nan)
+
+    def _reduce_metrics(self, lm_loss: torch.Tensor, stats: list[RouterStats], n: int):
+        """Average losses over data-parallel ranks and sum expert loads, in one all-reduce."""
+        dp = self.groups.dp_size
+        parts = [lm_loss.reshape(1)]
+        for s in stats:
+            parts += [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1),
+                      s.dropped.reshape(1), s.assignments.reshape(1), s.tokens_per_expert_E]
+        packed = torch.cat([p.float() for p in parts])
+        if dp > 1:
+            dist.all_reduce(packed, group=self.groups.dp)
+        lm = float(packed[0]) / dp
+        aux, loads, offset = {}, [], 1
+        lb = z = 0.0
+        for s in stats:
+            E = s.tokens_per_expert_E.numel()
+            chunk = packed[offset:offset + 4 + E]
+            offset += 4 + E
+            lb += float(chunk[0]) / dp
+            z += float(chunk[1]) / dp
+            loads.append(MoELayerLoad(chunk[4:].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0)))
+        if stats:
+            moe = self.cfg.model.moe
+            if moe.load_balancing_type != "none" and moe.aux_loss_coeff > 0:
+                aux["load_balancing_loss"] = lb / len(stats)
+            if moe.z_loss_coeff:
+                aux["z_loss"] = z / len(stats)
+        return lm, aux, loads
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset) -> float:
+        """Mean LM loss over the first `eval_iters` global batches of `dataset`."""
+        self.model.eval()
+        total = torch.zeros((), device=self.groups.device)
+        count = 0
+        for batch in micro_batches(build_loader(dataset, self.cfg, self.groups), self.groups.device):
+            total += self.forward(batch).lm_loss.float()
+            count += 1
+        packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
+        if self.groups.dp_size > 1:
+            dist.all_reduce(packed, group=self.groups.dp)
+        self.model.train()
+        return float(packed[0] / packed[1].clamp(min=1))
+
+
+class _StopRequest:
+    """Turns SIGTERM (slurm preemption) into a request to save and exit at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_rank(flag: bool, groups: ProcessGroups) -> bool:
+    if groups.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=groups.device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def pretrain(cfg: Config, args: Optional[argparse.Namespace] = None,
+             groups: Optional[ProcessGroups] = None) -> TrainState:
+    """Run training (and evaluation) end to end. Returns the final TrainState."""
+    own_groups = groups is None
+    groups = groups or parallel_state.initialize(cfg.parallel)
+    try:
+        return _pretrain(cfg, args, groups)
+    finally:
+        if own_groups:
+            parallel_state.destroy(groups)
+
+
+def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
+    start_time = time.time()
+    t = cfg.training
+    trainer = Trainer(cfg, groups)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    print_rank_0(groups.is_main, f"> number of parameters on rank 0: {n_params:,} "
+                 f"(world size {groups.world_size}, data-parallel {groups.dp_size}, expert-parallel {groups.ep_size})")
+    checkpointing.load_checkpoint(trainer, cfg, groups)
+    state = trainer.state
+
+    train_ds, valid_ds, test_ds = build_datasets(cfg)
+    loader = build_loader(train_ds, cfg, groups, state.consumed_train_samples)
+    batches = micro_batches(loader, groups.device)
+    logger = TrainingLogger(groups.is_main, t.train_iters, t.log_interval, t.global_batch_size,
+                            cfg.model.seq_length, training_flops_per_iteration(cfg.model, t.global_batch_size),
+                            groups.world_size, groups.device, t.tensorboard_dir)
+    print_rank_0(groups.is_main, f"> training from iteration {state.iteration} to {t.train_iters} "
+                 f"({cfg.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step)")
+    flops_per_iter = training_flops_per_iteration(cfg.model, t.global_batch_size)
+    last_saved = state.iteration
+    first_iteration = state.iteration
+    loop_start = time.perf_counter()
+    with _StopRequest() as stop:
+        while state.iteration < t.train_iters:
+            result = trainer.train_step(_take(batches, cfg.num_microbatches))
+            state.iteration += 1
+            state.consumed_train_samples += t.global_batch_size
+            state.floating_point_operations_so_far += flops_per_iter
+            logger.record(result)
+            logger.maybe_log(state.iteration, state.consumed_train_samples, result,
+                             time.perf_counter() - loop_start, state.iteration - first_iteration)
+
+            if valid_ds is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
+                loss = trainer.evaluate(valid_ds)
+                logger.log_evaluation(f"iteration {state.iteration}", state.iteration, loss,
+                                      state.consumed_train_samples, "validation")
+            save = cfg.checkpoint.save is not None
+            if save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+                checkpointing.save_checkpoint(trainer, cfg, groups, args)
+                last_saved = state.iteration
+            if _should_exit(cfg, state, start_time, stop, groups):
+                if save and last_saved != state.iteration:
+                    checkpointing.save_checkpoint(trainer, cfg, groups, args)
+                    last_saved = state.iteration
+                print_rank_0(groups.is_main, f"exiting program at iteration {state.iteration}")
+                checkpointing.finalize(trainer)
+                logger.close()
+                return state
+
+    if cfg.checkpoint.save is not None and last_saved != state.iteration:
+        checkpointing.save_checkpoint(trainer, cfg, groups, args)
+    checkpointing.finalize(trainer)
+    for dataset, split in ((valid_ds, "validation"), (test_ds, "test")):
+        if dataset is not None:
+            loss = trainer.evaluate(dataset)
+            logger.log_evaluation(f"iteration {state.iteration} on {split} set", state.iteration, loss,
+                                  state.consumed_train_samples, split)
+    logger.close()
+    return state
+
+
+def _take(batches: Iterator[dict], n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(batches))
+        except StopIteration:
+            raise RuntimeError("training data ran out before --train-iters; the dataset is too small") from None
+    return out
+
+
+def _should_exit(cfg: Config, state: TrainState, start_time: float, stop: _StopRequest,
+                 groups: ProcessGroups) -> bool:
+    """Exit interval reached, time budget spent, or SIGTERM seen on any rank (agreed by all)."""
+    t = cfg.training
+    if t.exit_interval and state.iteration % t.exit_interval == 0:
+        return True
+    timed_out = t.exit_duration_in_mins is not None and (time.time() - start_time) / 60.0 > t.exit_duration_in_mins
+    return _any_rank(timed_out or stop.requested, groups)

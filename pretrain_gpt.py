@@ -1,0 +1,36 @@
+"""Pretrain a GPT (dense or Mixture-of-Experts) model with Megatron-LM's flags.
+
+    python pretrain_gpt.py --config configs/tiny_moe.yaml
+    torchrun --nproc-per-node 4 pretrain_gpt.py --config configs/tiny_moe.yaml --expert-model-parallel-size 4
+
+Bad flags are reported as one line naming the flag, with exit status 2, before anything is
+allocated.
+"""
+
+import os
+import sys
+import warnings
+
+
+def main(argv=None) -> int:
+    from megatron.core.parallel_state import launch_env
+
+    if launch_env().rank != 0:  # one copy of each warning, from rank 0
+        warnings.simplefilter("ignore")
+    else:
+        warnings.formatwarning = lambda msg, category, *a, **k: f"WARNING: {msg}\n"
+    from megatron.training.arguments import config_from_args, parse_args
+    from megatron.training.train import pretrain
+
+    try:
+        args = parse_args(argv)
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
+        return 2
+    pretrain(cfg, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
