@@ -25,7 +25,9 @@ def num_samples(cfg: Config) -> tuple[int, int, int]:
     return t.train_iters * t.global_batch_size, evals, evals
 
 
-def build_datasets(cfg: Config) -> tuple[Dataset, Optional[Dataset], Optional[Dataset]]:
+def build_datasets(cfg: Config, groups: Optional[ProcessGroups] = None
+                   ) -> tuple[Dataset, Optional[Dataset], Optional[Dataset]]:
+    """Train, validation and test datasets (None for a split with no samples or no data)."""
     n_train, n_valid, n_test = num_samples(cfg)
     d, m = cfg.data, cfg.model
     if d.mock_data:
@@ -34,7 +36,7 @@ def build_datasets(cfg: Config) -> tuple[Dataset, Optional[Dataset], Optional[Da
         return make(n_train, "train"), make(n_valid, "valid"), make(n_test, "test")
     from megatron.core.datasets.builder import build_gpt_datasets
 
-    return build_gpt_datasets(cfg, (n_train, n_valid, n_test))
+    return build_gpt_datasets(cfg, (n_train, n_valid, n_test), groups)
 
 
 def build_loader(dataset: Dataset, cfg: Config, groups: ProcessGroups, consumed_samples: int = 0) -> DataLoader:

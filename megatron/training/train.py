@@ -227,7 +227,7 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     checkpointing.load_checkpoint(trainer, cfg, groups)
     state = trainer.state
 
-    train_ds, valid_ds, test_ds = build_datasets(cfg)
+    train_ds, valid_ds, test_ds = build_datasets(cfg, groups)
     loader = build_loader(train_ds, cfg, groups, state.consumed_train_samples)
     batches = micro_batches(loader, groups.device)
     logger = TrainingLogger(groups.is_main, t.train_iters, t.log_interval, t.global_batch_size,
