@@ -370,7 +370,10 @@ def _iters_from_samples(samples: Optional[int], global_batch_size: int) -> Optio
 
 def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None) -> Config:
     """Build and validate the `Config`. Raises ValueError naming the flag on bad input."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if world_size is None:
+        from megatron.core.parallel_state import launch_env
+
+        world_size = launch_env().world_size
     for flag, value in [("--context-parallel-size", args.context_parallel_size),
                         ("--expert-tensor-parallel-size", args.expert_tensor_parallel_size)]:
         if value not in (None, 1):

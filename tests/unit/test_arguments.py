@@ -1,0 +1,117 @@
+"""Flags, YAML configs and the one-line errors for bad input."""
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import pretrain_gpt
+from megatron.training.arguments import ArgumentError, parse_args, parse_moe_layer_freq
+from tests.helpers import TINY_FLAGS, make_config
+
+
+def test_megatron_defaults_and_derived_sizes():
+    cfg = make_config()
+    args = parse_args(["--num-layers", "2"])
+    assert args.hidden_dropout == 0.1 and args.init_method_std == 0.02 and args.seed == 1234
+    assert args.normalization == "LayerNorm" and args.position_embedding_type == "learned_absolute"
+    assert args.make_vocab_size_divisible_by == 128 and args.clip_grad == 1.0
+    assert cfg.model.kv_channels == 8 and cfg.model.num_query_groups == 2
+
+
+def test_swiglu_default_ffn_size_and_vocab_padding():
+    base = TINY_FLAGS.replace("--ffn-hidden-size 64 ", "").replace("--make-vocab-size-divisible-by 1 ", "")
+    cfg = make_config("--hidden-size 96 --num-attention-heads 4", base=base)
+    assert cfg.model.ffn_hidden_size == int((4 * 96 * 2 / 3) / 64) * 64  # Megatron's SwiGLU default
+    assert cfg.model.vocab_size == 128  # 64 padded to a multiple of 128
+
+
+def test_gqa_needs_group_query_attention_flag_like_megatron():
+    cfg = make_config(base=TINY_FLAGS.replace("--group-query-attention ", ""))
+    assert cfg.model.num_query_groups == 4
+
+
+def test_yaml_config_and_command_line_override(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_layers: 3\nhidden-size: 48\nswiglu: false\nmoe-layer-freq: '[0,1,1]'\nlr: 0.5\n")
+    args = parse_args(["--config", str(path), "--lr", "0.25"] + TINY_FLAGS.replace("--num-layers 2 ", "")
+                      .replace("--hidden-size 32 ", "").replace("--lr 1e-3 ", "").split())
+    assert args.num_layers == 3 and args.hidden_size == 48 and args.lr == 0.25
+    assert args.swiglu is True  # the command line's --swiglu beats the file's false
+    assert args.moe_layer_freq == [0, 1, 1]
+
+
+def test_yaml_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num-layerz: 3\n")
+    with pytest.raises(ArgumentError, match="unknown key 'num-layerz'"):
+        parse_args(["--config", str(path)])
+
+
+def test_no_op_flags_are_accepted_with_one_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_config("--use-mcore-models --no-masked-softmax-fusion --sequence-parallel --timing-log-level 2 "
+                    "--moe-grouped-gemm")
+    messages = [str(w.message) for w in caught]
+    for flag in ("--use-mcore-models", "--no-masked-softmax-fusion", "--sequence-parallel", "--timing-log-level"):
+        assert sum(flag in m for m in messages) == 1, flag
+    assert not any("--moe-grouped-gemm" in m for m in messages)
+
+
+def test_moe_layer_freq_forms():
+    assert parse_moe_layer_freq("2") == 2
+    assert parse_moe_layer_freq("([0]*1+[1]*3)*2") == [0, 1, 1, 1, 0, 1, 1, 1]
+    with pytest.raises(ArgumentError):
+        parse_moe_layer_freq("__import__('os')")
+    assert make_config("--num-layers 4 --moe-layer-freq 2").model.moe.layer_pattern == (1, 0, 1, 0)
+
+
+BAD_INPUTS = [
+    ("--moe-router-topk 5", "--moe-router-topk"),
+    ("--hidden-size 30", "--num-attention-heads"),
+    ("--num-query-groups 3", "--num-query-groups"),
+    ("--num-experts 6 --expert-model-parallel-size 4", "--num-experts"),
+    ("--global-batch-size 5", "--global-batch-size"),
+    ("--moe-layer-freq [1,1,1]", "--moe-layer-freq"),
+    ("--num-layers 0", "--num-layers"),
+    ("--hidden-size -8", "--hidden-size"),
+    ("--micro-batch-size 0", "--micro-batch-size"),
+    ("--num-experts 0", "--num-experts"),
+    ("--lr-decay-style bogus", "--lr-decay-style"),
+    ("--moe-pad-expert-input-to-capacity", "--moe-expert-capacity-factor"),
+    ("--tensor-model-parallel-size 2", "--tensor-model-parallel-size"),
+]
+
+
+@pytest.mark.parametrize("extra,flag", BAD_INPUTS)
+def test_bad_input_is_one_line_naming_the_flag(extra, flag, capsys):
+    code = pretrain_gpt.main(TINY_FLAGS.split() + extra.split())
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_world_size_not_divisible_by_expert_parallel(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code = pretrain_gpt.main(TINY_FLAGS.split() + ["--expert-model-parallel-size", "2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "world size (3)" in err and "--expert-model-parallel-size" in err
+
+
+def test_missing_data_path(tmp_path, capsys):
+    flags = TINY_FLAGS.replace("--mock-data ", "").split() + ["--data-path", str(tmp_path / "nope")]
+    code = pretrain_gpt.main(flags)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--data-path" in err and "nope.bin" in err
+    code = pretrain_gpt.main(TINY_FLAGS.replace("--mock-data ", "").split())
+    assert code == 2 and "--data-path" in capsys.readouterr().err
+
+
+def test_cli_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "pretrain_gpt.py"] + TINY_FLAGS.split() + ["--moe-router-topk", "9"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "--moe-router-topk" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
