@@ -27,3 +27,31 @@ def make_config(extra: str = "", world_size: int = 1, base: str = TINY_FLAGS) ->
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: bool = True) -> dict:
+    """Run `steps` optimizer steps with the real Trainer; return losses, grad norms, first-step
+    gradients and final parameters (names as in the model; expert tensors are this rank's slice)."""
+    from megatron.training.data import build_datasets, build_loader, micro_batches
+    from megatron.training.train import Trainer
+
+    trainer = Trainer(cfg, groups)
+    if expert_bias is not None:
+        for router in trainer.routers:
+            router.expert_bias.copy_(torch.tensor(expert_bias))
+    train_ds, _, _ = build_datasets(cfg)
+    batches = micro_batches(build_loader(train_ds, cfg, groups), groups.device)
+    losses, norms, grads, loads = [], [], None, []
+    for step in range(steps):
+        result = trainer.train_step([next(batches) for _ in range(cfg.num_microbatches)])
+        losses.append(result.lm_loss)
+        norms.append(result.grad_norm)
+        loads.append([l.tokens_per_expert_E for l in result.moe_loads])
+        if step == 0 and keep_grads:
+            grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in trainer.model.named_buffers()}
+    layer = next((l.mlp for l in trainer.model.decoder.layers if l.is_moe), None)
+    offset = layer.dispatcher.local_expert_offset if layer is not None else 0
+    return dict(losses=losses, norms=norms, grads=grads, params=params, buffers=buffers, loads=loads,
+                expert_offset=offset, rank=groups.rank)

@@ -158,3 +158,35 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
 def destroy(groups: ProcessGroups) -> None:
     if groups.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete in time: some rank crashed, hung or diverged."""
+
+
+_TIMEOUT_MARKERS = ("timed out", "timeout", "watchdog caught collective operation")
+
+
+def is_timeout(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(marker in text for marker in _TIMEOUT_MARKERS)
+
+
+class report_hangs:
+    """Context manager: a collective timeout becomes one clear error naming this rank."""
+
+    def __init__(self, groups: ProcessGroups, timeout_minutes: float):
+        self.groups = groups
+        self.timeout_minutes = timeout_minutes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is not None and not isinstance(exc, CollectiveTimeout) and is_timeout(exc):
+            raise CollectiveTimeout(
+                f"rank {self.groups.rank} of {self.groups.world_size}: a collective did not finish within "
+                f"{self.timeout_minutes:g} min (--distributed-timeout-minutes); another rank has probably "
+                f"crashed, hung or run different collectives; check its log. Cause: {str(exc).splitlines()[0]}"
+            ) from exc
+        return False

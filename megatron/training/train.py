@@ -211,7 +211,8 @@ def pretrain(cfg: Config, args: Optional[argparse.Namespace] = None,
     own_groups = groups is None
     groups = groups or parallel_state.initialize(cfg.parallel)
     try:
-        return _pretrain(cfg, args, groups)
+        with parallel_state.report_hangs(groups, cfg.parallel.distributed_timeout_minutes):
+            return _pretrain(cfg, args, groups)
     finally:
         if own_groups:
             parallel_state.destroy(groups)
