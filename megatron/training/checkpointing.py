@@ -1,17 +1,23 @@
-"""Saving and resuming: Megatron's checkpoint layout, written crash-safely.
+"""Saving and resuming in Megatron's layout, written crash-safely, reshardable with torch_dist.
 
-    <save>/latest_checkpointed_iteration.txt        the newest complete iteration
-    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt            --ckpt-format torch, EP = 1
-    <save>/iter_0000100/mp_rank_00_001/model_optim_rng.pt        ... expert-parallel rank 1
+    <save>/latest_checkpointed_iteration.txt           the newest complete iteration
+    <save>/iter_0000100/                               --ckpt-format torch_dist (default):
+        .metadata, __R_0.distcp                        torch.distributed.checkpoint shards
+        common.pt                                      iteration, schedule, scaler, args, config
+        rng_rank_00000.pt ...                          each rank's RNG states
+    <save>/iter_0000100/mp_rank_00[_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
 
-A checkpoint is written under a temporary name and renamed when every rank has finished; the
-`latest` file moves last. A process killed during a save leaves the previous checkpoint as
-the one that loads.
+Model and optimizer tensors are keyed by parameter name and shaped like the parameters (see
+`megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any world size and
+expert-parallel size. A checkpoint is written under `iter_N.tmp` and renamed when every rank
+has finished; the `latest` file moves last. A process killed during a save therefore leaves the
+previous checkpoint as the one that loads, and the half-written directory never looks valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import random
 import shutil
@@ -23,6 +29,12 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.config import Config
+from megatron.core.dist_checkpointing import (
+    load_optimizer_state_by_name,
+    local_tensors,
+    optimizer_state_by_name,
+    shard_experts,
+)
 from megatron.core.parallel_state import ProcessGroups
 from megatron.training.logger import print_rank_0
 
@@ -30,39 +42,29 @@ if TYPE_CHECKING:
     from megatron.training.train import Trainer
 
 TRACKER = "latest_checkpointed_iteration.txt"
+COMMON = "common.pt"
 CHECKPOINT_VERSION = 3.0
+# Config fields that decide tensor shapes: a checkpoint that differs in one cannot load.
+SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "vocab_size", "swiglu", "normalization", "add_bias_linear", "add_qkv_bias",
+                "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type")
+MOE_SHAPE_FIELDS = ("num_experts", "ffn_hidden_size", "layer_pattern", "shared_expert_ffn_hidden_size",
+                    "enable_expert_bias")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this run; the message says what differs."""
 
 
+# ---------------------------------------------------------------------------- paths and files
+
 def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def rank_dir_name(groups: ProcessGroups) -> str:
+def rank_dir_name(ep_size: int, ep_rank: int) -> str:
     """mp_rank_00, or mp_rank_00_EEE with expert parallelism (TP = PP = 1)."""
-    return "mp_rank_00" if groups.ep_size == 1 else f"mp_rank_00_{groups.ep_rank:03d}"
-
-
-def rng_state() -> dict:
-    state = {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker_states": {},
-    }
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    return "mp_rank_00" if ep_size == 1 else f"mp_rank_00_{ep_rank:03d}"
 
 
 def _barrier(groups: ProcessGroups) -> None:
@@ -85,35 +87,81 @@ def _atomic_torch_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_payload(trainer: "Trainer", cfg: Config, args) -> dict:
-    """Everything one rank writes: Megatron's keys plus this framework's train state and config."""
-    ck = cfg.checkpoint
+def rng_state() -> dict:
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": {},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration named by `latest_checkpointed_iteration.txt` ('release' = 0), or None."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if text == "release":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"--load: {path} holds {text!r}, not an iteration number") from None
+
+
+def checkpoint_dir_for(root: str, iteration: int) -> str:
+    """`iter_NNNNNNN`, or `release` for converted checkpoints."""
+    release = os.path.join(root, "release")
+    return release if iteration == 0 and os.path.isdir(release) else iteration_dir(root, iteration)
+
+
+def is_torch_dist(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, ".metadata"))
+
+
+# ---------------------------------------------------------------------------- what is saved
+
+def common_state(trainer: "Trainer", cfg: Config, args) -> dict:
+    """Everything that is not a model or optimizer tensor (identical on every rank)."""
     state = trainer.state
-    payload = {
+    common = {
         "args": args,
         "config": dataclasses.asdict(cfg),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": state.iteration,
-        "model": trainer.model.state_dict(),
         "train_state": dataclasses.asdict(state),
         "num_floating_point_operations_so_far": state.floating_point_operations_so_far,
     }
-    if not ck.no_save_optim:
-        payload["optimizer"] = trainer.optimizer.state_dict()
-        payload["opt_param_scheduler"] = trainer.scheduler.state_dict()
+    if not cfg.checkpoint.no_save_optim:
+        common["opt_param_scheduler"] = trainer.scheduler.state_dict()
         if trainer.scaler is not None:
-            payload["grad_scaler"] = trainer.scaler.state_dict()
-    if not ck.no_save_rng:
-        payload["rng_state"] = [rng_state()]
-    return payload
+            common["grad_scaler"] = trainer.scaler.state_dict()
+    return common
 
+
+def tensor_state(trainer: "Trainer", cfg: Config) -> dict:
+    """{'model': {name: T}, 'optimizer': {'step': int, 'state': {name: {moment: T}}}} (local tensors)."""
+    out = {"model": trainer.model.state_dict()}
+    if not cfg.checkpoint.no_save_optim:
+        out["optimizer"] = optimizer_state_by_name(trainer.model, trainer.optimizer)
+    return out
+
+
+# ---------------------------------------------------------------------------- saving
 
 def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args=None) -> str:
-    """Write iteration `trainer.state.iteration` under `--save`; returns its directory."""
-    if cfg.checkpoint.ckpt_format != "torch":
-        from megatron.training import dist_checkpointing
-
-        return dist_checkpointing.save(trainer, cfg, groups, args)
+    """Write iteration `trainer.state.iteration` under `--save`; returns its final directory."""
+    finalize(trainer, groups)  # a previous asynchronous save publishes first
     root = cfg.checkpoint.save
     final = iteration_dir(root, trainer.state.iteration)
     tmp = final + ".tmp"
@@ -122,17 +170,70 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier(groups)
-    payload = checkpoint_payload(trainer, cfg, args)
-    if groups.expert_dp is None or dist.get_rank(groups.expert_dp) == 0:  # one replica of each EP shard writes
-        rank_dir = os.path.join(tmp, rank_dir_name(groups))
-        os.makedirs(rank_dir, exist_ok=True)
-        _atomic_torch_save(payload, os.path.join(rank_dir, "model_optim_rng.pt"))
+    common = common_state(trainer, cfg, args)
+    tensors = tensor_state(trainer, cfg)  # collective under the distributed optimizer
+    rng = None if cfg.checkpoint.no_save_rng else rng_state()
+    if cfg.checkpoint.ckpt_format == "torch":
+        _save_legacy(tmp, common, tensors, rng, groups)
+    else:
+        pending = _save_torch_dist(trainer, tmp, common, tensors, rng, groups, cfg.checkpoint.async_save)
+        if pending is not None:
+            trainer.pending_save = (pending, root, final, tmp, trainer.state.iteration)
+            print_rank_0(groups.is_main, f"  started asynchronous checkpoint of iteration {trainer.state.iteration}")
+            return final
+    _publish_all(groups, root, final, tmp, trainer.state.iteration)
+    return final
+
+
+def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups) -> None:
+    if groups.expert_dp is not None and dist.get_rank(groups.expert_dp) != 0:
+        return  # one replica of each expert-parallel shard writes
+    payload = {**common, "model": tensors["model"]}
+    if "optimizer" in tensors:
+        payload["optimizer"] = tensors["optimizer"]
+    if rng is not None:
+        payload["rng_state"] = [rng]
+    rank_dir = os.path.join(tmp, rank_dir_name(groups.ep_size, groups.ep_rank))
+    os.makedirs(rank_dir, exist_ok=True)
+    _atomic_torch_save(payload, os.path.join(rank_dir, "model_optim_rng.pt"))
+
+
+def _save_torch_dist(trainer, tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups, use_async: bool):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": shard_experts(tensors["model"], groups)}
+    if "optimizer" in tensors:
+        opt = tensors["optimizer"]
+        common["optimizer_step"] = opt["step"]
+        state["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in moments.items()}
+                              for name, moments in opt["state"].items()}
+    if groups.is_main:
+        _atomic_torch_save(common, os.path.join(tmp, COMMON))
+    if rng is not None:
+        _atomic_torch_save(rng, os.path.join(tmp, f"rng_rank_{groups.rank:05d}.pt"))
+    no_dist = groups.world_size == 1
+    if use_async:
+        if trainer.checkpoint_group is None and not no_dist:  # async writes must not share the training group
+            trainer.checkpoint_group = dist.new_group(backend="gloo")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            return dcp.async_save(state, checkpoint_id=tmp, no_dist=no_dist, process_group=trainer.checkpoint_group)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
+    return None
+
+
+def _shard_one(name: str, tensor: torch.Tensor, groups: ProcessGroups):
+    return shard_experts({name: tensor}, groups)[name]
+
+
+def _publish_all(groups: ProcessGroups, root: str, final: str, tmp: str, iteration: int) -> None:
     _barrier(groups)
     if groups.is_main:
-        publish(root, final, tmp, trainer.state.iteration)
+        publish(root, final, tmp, iteration)
     _barrier(groups)
-    print_rank_0(groups.is_main, f"  saved checkpoint at iteration {trainer.state.iteration:7d} to {root}")
-    return final
+    print_rank_0(groups.is_main, f"  saved checkpoint at iteration {iteration:7d} to {root}")
 
 
 def publish(root: str, final: str, tmp: str, iteration: int) -> None:
@@ -148,19 +249,19 @@ def publish(root: str, final: str, tmp: str, iteration: int) -> None:
     _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
 
 
-def read_tracker(root: str) -> Optional[int]:
-    """The iteration named by `latest_checkpointed_iteration.txt`, or None when absent."""
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if text == "release":
-        return 0
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"--load: {path} holds {text!r}, not an iteration number") from None
+def finalize(trainer: "Trainer", groups: Optional[ProcessGroups] = None) -> None:
+    """Wait for an asynchronous save still in flight, then publish it."""
+    pending = trainer.pending_save
+    if pending is None:
+        return
+    future, root, final, tmp, iteration = pending
+    trainer.pending_save = None
+    completion = getattr(future, "upload_completion", future)
+    completion.result()
+    _publish_all(groups or trainer.groups, root, final, tmp, iteration)
 
+
+# ---------------------------------------------------------------------------- loading
 
 def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> None:
     """Restore `trainer` from `--load` when it holds a checkpoint; warn and start fresh when not."""
@@ -172,29 +273,127 @@ def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> N
         if groups.is_main:
             warnings.warn(f"--load {ck.load}: no {TRACKER} found; starting from random initialisation")
         return
-    directory = iteration_dir(ck.load, iteration)
+    directory = checkpoint_dir_for(ck.load, iteration)
     if not os.path.isdir(directory):
         raise CheckpointError(f"--load: {TRACKER} names iteration {iteration} but {directory} is missing")
-    if os.path.isdir(os.path.join(directory, "__0_0.distcp")) or os.path.isfile(os.path.join(directory, ".metadata")):
-        from megatron.training import dist_checkpointing
-
-        dist_checkpointing.load(trainer, cfg, groups, directory)
+    if is_torch_dist(directory):
+        common, tensors, rng = _load_torch_dist(trainer, cfg, groups, directory)
     else:
-        _load_legacy(trainer, cfg, groups, directory)
+        common, tensors, rng = _load_legacy(groups, directory)
+        check_compatible(common.get("config"), cfg, directory)
+    load_model_state(trainer.model, tensors["model"], directory)
+    restore_training_state(trainer, cfg, common, tensors.get("optimizer"), rng, directory)
     print_rank_0(groups.is_main, f"  loaded checkpoint from {ck.load} at iteration {trainer.state.iteration}")
 
 
-def _load_legacy(trainer: "Trainer", cfg: Config, groups: ProcessGroups, directory: str) -> None:
-    path = os.path.join(directory, rank_dir_name(groups), "model_optim_rng.pt")
+def _load_legacy(groups: ProcessGroups, directory: str):
+    path = os.path.join(directory, rank_dir_name(groups.ep_size, groups.ep_rank), "model_optim_rng.pt")
     if not os.path.isfile(path):
-        raise CheckpointError(f"--load: {path} is missing (saved with another expert-parallel size? "
-                              "use --ckpt-format torch_dist to reshard)")
+        found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "mp_rank_*")))
+        raise CheckpointError(
+            f"--load: {path} is missing (the checkpoint has {', '.join(found) or 'no rank files'}; it was saved "
+            "with another expert-parallel size: convert it with tools/checkpoint/reshard.py)")
+    payload = _torch_load(path)
+    tensors = {"model": payload["model"]}
+    if "optimizer" in payload:
+        tensors["optimizer"] = payload["optimizer"]
+    rng = payload["rng_state"][0] if payload.get("rng_state") else None
+    return payload, tensors, rng
+
+
+def _torch_load(path: str):
     try:
-        payload = torch.load(path, map_location=groups.device, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"--load: cannot read {path}: {e}") from None
-    load_model_state(trainer.model, payload["model"], path)
-    restore_training_state(trainer, cfg, payload, path)
+        raise CheckpointError(f"--load: cannot read {path} ({type(e).__name__}: {e}); the file is corrupt "
+                              "or truncated: load an earlier iteration") from None
+
+
+def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str):
+    import torch.distributed.checkpoint as dcp
+
+    common_path = os.path.join(directory, COMMON)
+    if not os.path.isfile(common_path):
+        raise CheckpointError(f"--load: {common_path} is missing; the checkpoint is incomplete")
+    common = _torch_load(common_path)
+    check_compatible(common.get("config"), cfg, directory)
+    metadata = _read_metadata(directory)
+    want_optim = not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim)
+    has_optim = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
+    if want_optim and not has_optim:
+        raise CheckpointError(f"--load: {directory} has no optimizer state (saved with --no-save-optim); "
+                              "pass --no-load-optim")
+    target = {"model": shard_experts({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, groups)}
+    check_tensor_shapes(metadata, target["model"], "model", directory)
+    optim_local = None
+    if want_optim:
+        optim_local = optimizer_state_by_name(trainer.model, trainer.optimizer)
+        target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in m.items()}
+                               for name, m in optim_local["state"].items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(target, checkpoint_id=directory, no_dist=groups.world_size == 1)
+    except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
+        raise CheckpointError(f"--load: cannot read {directory} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or incomplete") from None
+    tensors = {"model": local_tensors(target["model"])}
+    if want_optim:
+        tensors["optimizer"] = {"step": common.get("optimizer_step", 0),
+                                "state": {n: local_tensors(m) for n, m in target["optimizer"].items()}}
+    rng_path = os.path.join(directory, f"rng_rank_{groups.rank:05d}.pt")
+    rng = _torch_load(rng_path) if os.path.isfile(rng_path) else None
+    return common, tensors, rng
+
+
+def _read_metadata(directory: str):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        return FileSystemReader(directory).read_metadata()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"--load: cannot read {directory}/.metadata ({type(e).__name__}); "
+                              "the checkpoint is corrupt or incomplete") from None
+
+
+def check_tensor_shapes(metadata, target: dict, prefix: str, source: str) -> None:
+    """Every tensor this model needs is in the checkpoint with the same global shape, and no more."""
+    saved = {k[len(prefix) + 1:]: m for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix + ".")}
+    problems = []
+    missing = sorted(set(target) - set(saved))
+    unexpected = sorted(set(saved) - set(target))
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
+    for name, t in target.items():
+        if name in saved and hasattr(saved[name], "size") and tuple(saved[name].size) != tuple(t.shape):
+            problems.append(f"{name}: checkpoint {tuple(saved[name].size)} vs model {tuple(t.shape)}")
+    if problems:
+        raise CheckpointError(f"--load: {source} does not match this model: " + "; ".join(problems[:4]))
+
+
+def check_compatible(saved_config: Optional[dict], cfg: Config, source: str) -> None:
+    """Name every shape-determining setting in which the checkpoint differs from this run."""
+    if not saved_config:
+        return
+    saved_model = saved_config.get("model", {})
+    ours = dataclasses.asdict(cfg.model)
+    diffs = [f"{f}: checkpoint {saved_model.get(f)!r} vs run {ours[f]!r}"
+             for f in SHAPE_FIELDS if f in saved_model and saved_model[f] != ours[f]]
+    saved_moe, our_moe = saved_model.get("moe"), ours.get("moe")
+    if (saved_moe is None) != (our_moe is None):
+        diffs.append(f"num_experts: checkpoint {saved_moe and saved_moe['num_experts']} vs run "
+                     f"{our_moe and our_moe['num_experts']}")
+    elif saved_moe and our_moe:
+        diffs += [f"moe.{f}: checkpoint {_norm(saved_moe.get(f))!r} vs run {_norm(our_moe[f])!r}"
+                  for f in MOE_SHAPE_FIELDS if f in saved_moe and _norm(saved_moe[f]) != _norm(our_moe[f])]
+    if diffs:
+        raise CheckpointError(f"--load: {source} was saved from a different model: " + "; ".join(diffs))
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
@@ -216,33 +415,29 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def restore_training_state(trainer: "Trainer", cfg: Config, payload: dict, source: str) -> None:
+def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimizer: Optional[dict],
+                           rng: Optional[dict], source: str) -> None:
     """Iteration, samples, optimizer, schedule, scaler and RNG, as --finetune/--no-load-* allow."""
     ck = cfg.checkpoint
     if ck.finetune:
         return
-    ts = payload.get("train_state")
-    trainer.state.iteration = int(payload["iteration"])
+    trainer.state.iteration = int(common["iteration"])
+    ts = common.get("train_state")
     if ts is not None:
         trainer.state.consumed_train_samples = int(ts["consumed_train_samples"])
         trainer.state.floating_point_operations_so_far = float(ts["floating_point_operations_so_far"])
-    elif payload.get("args") is not None:
-        trainer.state.consumed_train_samples = int(getattr(payload["args"], "consumed_train_samples", 0))
+    elif common.get("args") is not None:
+        trainer.state.consumed_train_samples = int(getattr(common["args"], "consumed_train_samples", 0))
     if not ck.no_load_optim:
-        if "optimizer" not in payload:
+        if optimizer is None or "opt_param_scheduler" not in common:
             raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim); "
                                   "pass --no-load-optim")
-        trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
-        if trainer.scaler is not None and "grad_scaler" in payload:
-            trainer.scaler.load_state_dict(payload["grad_scaler"])
-    if not ck.no_load_rng and "rng_state" in payload:
-        set_rng_state(payload["rng_state"][0])
-
-
-def finalize(trainer: "Trainer") -> None:
-    """Wait for any background save to complete."""
-    pending = getattr(trainer, "pending_save", None)
-    if pending is not None:
-        pending.result()
-        trainer.pending_save = None
+        try:
+            load_optimizer_state_by_name(trainer.model, trainer.optimizer, optimizer)
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"--load: {source}: {e}") from None
+        trainer.scheduler.load_state_dict(common["opt_param_scheduler"])
+        if trainer.scaler is not None and "grad_scaler" in common:
+            trainer.scaler.load_state_dict(common["grad_scaler"])
+    if not ck.no_load_rng and rng is not None:
+        set_rng_state(rng)

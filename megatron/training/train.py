@@ -77,6 +77,8 @@ class Trainer:
                                   t.loss_scale) if t.fp16 else None)
         self.routers = [layer.mlp.router for layer in self.model.decoder.layers if layer.is_moe]
         self.state = TrainState()
+        self.pending_save = None  # an asynchronous checkpoint in flight
+        self.checkpoint_group = None  # process group of asynchronous checkpoint writes
         self.autocast_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
 
     def autocast(self):

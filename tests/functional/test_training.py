@@ -56,18 +56,21 @@ def test_gradient_accumulation_matches_one_big_micro_batch():
         assert a.grad_norm == pytest.approx(b.grad_norm, rel=1e-4)
 
 
-@pytest.mark.parametrize("precision", ["", "--bf16"])
-def test_exact_resume(tmp_path, capsys, precision):
+@pytest.mark.parametrize("extra", ["--ckpt-format torch", "--ckpt-format torch_dist --bf16",
+                                   "--ckpt-format torch_dist --async-save --fp16"])
+def test_exact_resume(tmp_path, capsys, extra):
     common = (f"--train-iters 6 --hidden-dropout 0.1 --moe-router-enable-expert-bias "
-              f"--moe-router-score-function sigmoid --lr-warmup-iters 2 --lr-decay-style cosine "
-              f"--ckpt-format torch {precision}")
+              f"--moe-router-score-function sigmoid --lr-warmup-iters 2 --lr-decay-style cosine {extra}")
     pretrain(make_config(common))
     full = losses_from(capsys.readouterr().out)
     save = tmp_path / "ckpt"
     pretrain(make_config(common + f" --save {save} --exit-interval 3"))
     first = losses_from(capsys.readouterr().out)
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "3"
-    assert (save / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    if "torch_dist" in extra:
+        assert (save / "iter_0000003" / ".metadata").is_file()
+    else:
+        assert (save / "iter_0000003" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     pretrain(make_config(common + f" --load {save}"))
     resumed = losses_from(capsys.readouterr().out)
     assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]

@@ -1,0 +1,97 @@
+"""Checkpoint state in a layout-free form, and its sharded view for torch.distributed.checkpoint.
+
+Everything is keyed by parameter name and shaped like the parameter, whatever the parallel
+layout: optimizer moments are gathered out of the distributed optimizer's flat shards, and
+expert tensors (leading dimension = local experts) become DTensors sharded over the
+expert-parallel mesh dimension, so that a checkpoint saved at one world size and EP size loads
+at another: torch.distributed.checkpoint reads each rank's slice of the global tensors.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron.core.optimizer import is_expert_param
+from megatron.core.parallel_state import ProcessGroups
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import Optimizer
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer") -> dict:
+    """{'step': int, 'state': {param name: {'exp_avg': T, 'exp_avg_sq': T}}}, each T shaped like
+    the model parameter (experts: this rank's experts). Collective under the distributed optimizer."""
+    names = {p: n for n, p in model.named_parameters()}
+    inner = optimizer.inner
+    step = max((int(s["step"]) for s in inner.state.values() if "step" in s), default=0)
+    if not optimizer.shard_views:
+        state = {names[p]: {k: inner.state[p][k].detach().clone() if p in inner.state else torch.zeros_like(p)
+                            for k in MOMENTS} for p in names}
+        return {"step": step, "state": state}
+    state = {}
+    for section in optimizer.sharded_sections:
+        for key in MOMENTS:
+            flat = torch.zeros_like(section.grad_buffer)
+            for sec, view in optimizer.shard_views:
+                if sec is section and view.shard in inner.state:
+                    o = section.offsets[view.param]
+                    flat[o + view.start:o + view.end] = inner.state[view.shard][key]
+            if section.size > 1:  # shards are disjoint: a sum assembles them
+                dist.all_reduce(flat, group=section.group)
+            for p in section.params:
+                o = section.offsets[p]
+                state.setdefault(names[p], {})[key] = flat[o:o + p.numel()].view_as(p).clone()
+    return {"step": step, "state": state}
+
+
+def load_optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer", saved: dict) -> None:
+    """Inverse of `optimizer_state_by_name`, for this run's layout (parameter names must match)."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    missing = sorted(set(name_of.values()) - set(saved["state"]))
+    if missing:
+        raise ValueError(f"optimizer state is missing {len(missing)} parameters (e.g. {missing[0]})")
+    # Each optimizer parameter is a whole model parameter, or a flat slice of one (sharded).
+    source = {p: (n, None, None) for p, n in name_of.items()}
+    source.update({v.shard: (name_of[v.param], v.start, v.end) for _, v in optimizer.shard_views})
+    state, groups, index = {}, [], 0
+    for group in optimizer.inner.param_groups:
+        ids = []
+        for p in group["params"]:
+            name, start, end = source[p]
+            entry = saved["state"][name]
+            take = (lambda t: t) if start is None else (lambda t, a=start, z=end: t.reshape(-1)[a:z])
+            state[index] = {"step": torch.tensor(float(saved["step"]), dtype=torch.float32),
+                            **{k: take(entry[k]).to(p.device, p.dtype).clone() for k in MOMENTS}}
+            ids.append(index)
+            index += 1
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    optimizer.inner.load_state_dict({"state": state if saved["step"] > 0 else {}, "param_groups": groups})
+
+
+def shard_experts(tensors: dict[str, torch.Tensor], groups: ProcessGroups) -> dict:
+    """Wrap expert tensors as DTensors sharded (dim 0) over the EP mesh dimension and replicated
+    over expert-data-parallel ranks; other tensors stay plain (replicated)."""
+    if groups.ep_size == 1:
+        return dict(tensors)
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    out = {}
+    for name, t in tensors.items():
+        if is_expert_param(name):
+            out[name] = DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
+        else:
+            out[name] = t
+    return out
+
+
+def local_tensors(tensors: dict) -> dict[str, torch.Tensor]:
+    """Inverse of `shard_experts`: this rank's local tensors."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in tensors.items()}

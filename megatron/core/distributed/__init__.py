@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from megatron.core.config import OptimizerConfig, ParallelConfig
-from megatron.core.distributed.param_and_grad_buffer import Section
+from megatron.core.distributed.param_and_grad_buffer import Section, ShardView
 from megatron.core.optimizer import adamw, is_expert_param, param_groups
 from megatron.core.parallel_state import ProcessGroups
 
@@ -119,21 +119,28 @@ class DataParallel:
         if not self.shard:
             return Optimizer(adamw(param_groups(self.model, cfg.weight_decay), cfg), [])
         names = {p: n for n, p in self.model.named_parameters()}
-        decay, no_decay = [], []
+        decay, no_decay, views = [], [], []
         for section in self.sections:
-            for p, shard in section.shard_views():
-                no_wd = p.dim() == 1 or names[p].endswith(".bias")
-                (no_decay if no_wd else decay).append(shard)
+            for view in section.shard_views():
+                no_wd = view.param.dim() == 1 or names[view.param].endswith(".bias")
+                (no_decay if no_wd else decay).append(view.shard)
+                views.append((section, view))
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return Optimizer(adamw(groups, cfg), self.sections)
+        return Optimizer(adamw(groups, cfg), self.sections, views)
 
 
 class Optimizer:
-    """AdamW, plus the parameter all-gather that follows a sharded step."""
+    """AdamW, plus the parameter all-gather that follows a sharded step.
 
-    def __init__(self, inner: torch.optim.Optimizer, sharded_sections: list[Section]):
+    `shard_views` lists, with the distributed optimizer, which slice of which model parameter
+    each optimizer parameter is (empty otherwise: the optimizer holds the model parameters).
+    """
+
+    def __init__(self, inner: torch.optim.Optimizer, sharded_sections: list[Section],
+                 shard_views: Optional[list[tuple[Section, ShardView]]] = None):
         self.inner = inner
         self.sharded_sections = sharded_sections
+        self.shard_views = shard_views or []
 
     @property
     def param_groups(self):

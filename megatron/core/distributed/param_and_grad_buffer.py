@@ -48,6 +48,16 @@ def all_gather_into(out: torch.Tensor, inp: torch.Tensor, group, async_op: bool 
 
 
 @dataclass
+class ShardView:
+    """Elements [start, end) of `param.view(-1)` owned by this rank, as the leaf `shard`."""
+
+    param: nn.Parameter
+    shard: nn.Parameter
+    start: int
+    end: int
+
+
+@dataclass
 class Bucket:
     """A padded range [start, end) of a section's buffers holding whole parameters."""
 
@@ -138,9 +148,9 @@ class Section:
         self.grad_buffer.zero_()
 
     # ---- sharded optimizer layout
-    def shard_views(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
-        """(model param, shard param) pairs: this rank's slice of each parameter, as a leaf
-        Parameter sharing storage with the param buffer, its .grad a view of the grad buffer."""
+    def shard_views(self) -> list["ShardView"]:
+        """This rank's slice of each parameter, as a leaf Parameter sharing storage with the
+        param buffer, its .grad a view of the grad buffer."""
         pairs = []
         for b in self.buckets:
             c = (b.end - b.start) // self.size
@@ -152,7 +162,7 @@ class Section:
                     continue
                 shard = nn.Parameter(self.param_buffer[a:z], requires_grad=True)
                 shard.grad = self.grad_buffer[a:z]
-                pairs.append((p, shard))
+                pairs.append(ShardView(p, shard, a - p_lo, z - p_lo))
         return pairs
 
     def all_gather_params(self) -> None:

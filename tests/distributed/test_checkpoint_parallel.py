@@ -1,0 +1,58 @@
+"""Checkpoints across parallel layouts: exact resume on 2 ranks, and resharding EP=2 -> 1 and -> 4."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+
+from megatron.core.parallel_state import groups_from_mesh
+from megatron.training.train import pretrain
+from tests.distributed.harness import run_distributed
+from tests.functional.test_training import losses_from
+from tests.helpers import make_config
+
+COMMON = "--global-batch-size 8 --micro-batch-size 2 --num-experts 4 --train-iters 5 --lr-warmup-iters 1 " \
+         "--moe-token-dispatcher-type alltoall --moe-z-loss-coeff 1e-3"
+
+
+def _train(rank: int, world: int, ep: int, extra: str) -> dict:
+    cfg = make_config(f"{COMMON} --expert-model-parallel-size {ep} {extra}", world_size=world)
+    groups = groups_from_mesh(ep, torch.device("cpu"), "gloo")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        pretrain(cfg, groups=groups)
+    return losses_from(out.getvalue())
+
+
+def _run(world: int, ep: int, extra: str) -> dict:
+    if world == 1:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            pretrain(make_config(f"{COMMON} {extra}"))
+        return losses_from(out.getvalue())
+    return run_distributed(_train, world, ep, extra)[0]
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
+def test_exact_resume_on_two_ranks(tmp_path, fmt):
+    extra = f"--ckpt-format {fmt} --use-distributed-optimizer"
+    full = _run(2, 2, extra)
+    first = _run(2, 2, f"{extra} --save {tmp_path} --exit-interval 3")
+    resumed = _run(2, 2, f"{extra} --load {tmp_path}")
+    assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5]
+    assert {**first, **resumed} == full
+
+
+def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
+    saved = tmp_path / "ep2"
+    full = _run(2, 2, "--use-distributed-optimizer")
+    _run(2, 2, f"--use-distributed-optimizer --save {saved} --exit-interval 3")
+    on_one = _run(1, 1, f"--load {saved}")
+    on_four = _run(4, 4, f"--load {saved} --use-distributed-optimizer")
+    for resumed in (on_one, on_four):
+        assert sorted(resumed) == [4, 5]
+        for it in (4, 5):
+            assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
