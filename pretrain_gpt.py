@@ -22,15 +22,23 @@ def main(argv=None) -> int:
     from megatron.training.arguments import config_from_args, parse_args
     from megatron.training.train import pretrain
 
+    from megatron.training.checkpointing import CheckpointError
+
     try:
         args = parse_args(argv)
         cfg = config_from_args(args)
     except ValueError as e:
-        print(f"pretrain_gpt.py: error: {e}", file=sys.stderr)
-        return 2
-    pretrain(cfg, args)
+        return _fail(e)
+    try:
+        pretrain(cfg, args)
+    except CheckpointError as e:
+        return _fail(e)
     return 0
 
+
+def _fail(error: Exception) -> int:
+    print(f"pretrain_gpt.py: error: {error}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":
     sys.exit(main())

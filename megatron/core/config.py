@@ -47,7 +47,7 @@ class MoEConfig:
     """Pad each expert's input to exactly its capacity (`--moe-pad-expert-input-to-capacity`)."""
     shared_expert_ffn_hidden_size: Optional[int] = None
     """FFN size of a shared expert run on every token; None for none (`--moe-shared-expert-intermediate-size`)."""
-    token_dispatcher_type: str = "alltoall"
+    token_dispatcher_type: str = "allgather"
     """`alltoall` or `allgather` exchange over the expert-parallel group (`--moe-token-dispatcher-type`)."""
     enable_expert_bias: bool = False
     """Aux-loss-free balancing: a per-expert selection bias (`--moe-router-enable-expert-bias`)."""
@@ -329,11 +329,6 @@ def validate(cfg: Config) -> None:
         (p.world_size, "world size"),
     ]:
         _positive(value, flag)
-    if m.hidden_size % m.num_attention_heads:
-        raise ValueError(
-            f"--num-attention-heads ({m.num_attention_heads}) must divide --hidden-size "
-            f"({m.hidden_size}); pick a head count that divides it or set --kv-channels"
-        )
     if m.num_attention_heads % m.num_query_groups:
         raise ValueError(
             f"--num-query-groups ({m.num_query_groups}) must divide --num-attention-heads "

@@ -387,6 +387,9 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
     hidden = _require(args.hidden_size, "--hidden-size")
     heads = _require(args.num_attention_heads, "--num-attention-heads")
     seq_length = _require(args.seq_length, "--seq-length")
+    if args.kv_channels is None and heads > 0 and hidden % heads:
+        raise ArgumentError(f"--num-attention-heads ({heads}) must divide --hidden-size ({hidden}); "
+                            "pick a head count that divides it, or set --kv-channels")
     if args.ffn_hidden_size is None:
         ffn = int((4 * hidden * 2 / 3) / 64) * 64 if args.swiglu else 4 * hidden
     else:

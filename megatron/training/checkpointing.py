@@ -321,8 +321,8 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
     want_optim = not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim)
     has_optim = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
     if want_optim and not has_optim:
-        raise CheckpointError(f"--load: {directory} has no optimizer state (saved with --no-save-optim); "
-                              "pass --no-load-optim")
+        raise CheckpointError(f"--load: {directory} has no optimizer state (saved with --no-save-optim, "
+                              "or converted); pass --no-load-optim, or --finetune")
     target = {"model": shard_experts({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, groups)}
     check_tensor_shapes(metadata, target["model"], "model", directory)
     optim_local = None
@@ -334,7 +334,7 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(target, checkpoint_id=directory, no_dist=groups.world_size == 1)
-    except Exception as e:  # noqa: BLE001 - report which checkpoint failed and why
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
         raise CheckpointError(f"--load: cannot read {directory} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or incomplete") from None
     tensors = {"model": local_tensors(target["model"])}
@@ -430,8 +430,8 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
         trainer.state.consumed_train_samples = int(getattr(common["args"], "consumed_train_samples", 0))
     if not ck.no_load_optim:
         if optimizer is None or "opt_param_scheduler" not in common:
-            raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim); "
-                                  "pass --no-load-optim")
+            raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim, "
+                                  "or converted); pass --no-load-optim, or --finetune")
         try:
             load_optimizer_state_by_name(trainer.model, trainer.optimizer, optimizer)
         except (ValueError, KeyError) as e:

@@ -100,8 +100,10 @@ class GroupedExperts(nn.Module):
     def _init_weights(self, expert_offset: int, std: float, out_std: float) -> None:
         """Expert e's weights come from its own generator seeded by (one global draw, e), so
         every expert starts the same whatever the expert-parallel layout."""
-        base_seed = int(torch.randint(0, 2**62, (1,)).item())
+        base_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())  # same draw on every device
         device = self.weight1.device
+        if device.type == "meta":
+            return
         for local in range(self.num_local_experts):
             e = expert_offset + local
             gen = torch.Generator(device=device).manual_seed(base_seed + 2 * e)
