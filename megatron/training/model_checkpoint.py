@@ -1,4 +1,4 @@
-"""Model-only access to legacy (`--ckpt-format torch`) checkpoints, for conversion tools.
+"""Offline access to whole checkpoints, for the conversion and resharding tools.
 
     <root>/latest_checkpointed_iteration.txt        an iteration number, or `release`
     <root>/iter_0000100/mp_rank_00/model_optim_rng.pt         EP = 1
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -27,7 +28,7 @@ import torch
 
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.training.atomic_dir import atomic_directory
-from megatron.training.checkpointing import CHECKPOINT_VERSION, TRACKER, iteration_dir
+from megatron.training.checkpointing import CHECKPOINT_VERSION, COMMON, TRACKER, iteration_dir
 
 MODEL_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
@@ -92,9 +93,6 @@ def _checkpoint_dir(root: str) -> tuple[str, int]:
 
 def _rank_files(directory: str) -> list[str]:
     """model_optim_rng.pt of each expert-parallel rank, in rank order (TP = PP = 1 only)."""
-    if os.path.isfile(os.path.join(directory, ".metadata")):
-        raise ValueError(f"{directory} is a torch_dist checkpoint; only --ckpt-format torch (legacy) "
-                         "checkpoints convert for now")
     ranks = []
     for name in os.listdir(directory):
         match = _RANK_DIR.match(name)
@@ -119,6 +117,8 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
     """One EP = 1 state dict from each expert-parallel rank's: expert tensors concatenated along
     the expert dim in rank order; every other tensor must be identical on all ranks."""
     first = shards[0]
+    if len(shards) == 1:
+        return dict(first)
     for rank, shard in enumerate(shards[1:], start=1):
         if set(shard) != set(first):
             raise ValueError(f"expert-parallel rank {rank} holds different tensors than rank 0")
@@ -141,19 +141,142 @@ def _load_payload(path: str) -> dict:
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def load_model_checkpoint(root: str) -> ModelCheckpoint:
-    """Weights and config of the checkpoint `root`'s tracker names (or of an iteration dir)."""
+@dataclass
+class TrainingCheckpoint:
+    """A whole training checkpoint at EP = 1: what `--load` needs, in layout-free form.
+
+    common: the non-tensor entries (iteration, train_state, scheduler, scaler, args, config).
+    model: state dict. optimizer: {'step': int, 'state': {name: {moment: tensor}}} or None.
+    """
+
+    common: dict
+    model: dict[str, torch.Tensor]
+    optimizer: Optional[dict] = None
+
+
+def load_training_checkpoint(root: str) -> TrainingCheckpoint:
+    """Read either format (`torch` legacy ranks are merged; `torch_dist` is read whole)."""
     directory, iteration = _checkpoint_dir(root)
+    if os.path.isfile(os.path.join(directory, ".metadata")):
+        return _load_torch_dist_whole(directory)
     payloads = [_load_payload(path) for path in _rank_files(directory)]
     head = payloads[0]
     if "model" not in head:
         raise ValueError(f"{directory}: checkpoint has no 'model' entry")
+    common = {k: v for k, v in head.items() if k not in ("model", "optimizer", "rng_state")}
+    common.setdefault("iteration", iteration)
+    model = merge_expert_shards([p["model"] for p in payloads])
+    optimizer = None
+    if "optimizer" in head:
+        moments = [_flatten_moments(p["optimizer"]["state"]) for p in payloads]
+        optimizer = {"step": head["optimizer"]["step"], "state": _unflatten_moments(merge_expert_shards(moments))}
+    return TrainingCheckpoint(common, model, optimizer)
+
+
+def _flatten_moments(state: dict) -> dict[str, torch.Tensor]:
+    return {f"{name}/{moment}": t for name, moments in state.items() for moment, t in moments.items()}
+
+
+def _unflatten_moments(flat: dict[str, torch.Tensor]) -> dict:
+    state: dict = {}
+    for key, t in flat.items():
+        name, moment = key.rsplit("/", 1)
+        state.setdefault(name, {})[moment] = t
+    return state
+
+
+def _load_torch_dist_whole(directory: str) -> TrainingCheckpoint:
+    """Every tensor of a torch_dist checkpoint at its global shape, in this one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    common = _load_payload(os.path.join(directory, COMMON))
+    metadata = dcp.FileSystemReader(directory).read_metadata()
+    model, moments = {}, {}
+    for key, meta in metadata.state_dict_metadata.items():
+        if not isinstance(meta, TensorStorageMetadata):
+            continue
+        empty = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        if key.startswith("model."):
+            model[key[len("model."):]] = empty
+        elif key.startswith("optimizer."):
+            name, moment = key[len("optimizer."):].rsplit(".", 1)
+            moments.setdefault(name, {})[moment] = empty
+    target = {"model": model, **({"optimizer": moments} if moments else {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        try:
+            dcp.load(target, checkpoint_id=directory, no_dist=True)
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
+            raise ValueError(f"cannot read {directory}: {type(e).__name__}; it is corrupt or incomplete") from None
+    optimizer = {"step": common.get("optimizer_step", 0), "state": moments} if moments else None
+    return TrainingCheckpoint({k: v for k, v in common.items() if k != "optimizer_step"}, model, optimizer)
+
+
+def split_expert_shards(state: dict[str, torch.Tensor], ep_size: int) -> list[dict[str, torch.Tensor]]:
+    """Inverse of `merge_expert_shards`: EP rank r gets experts [r*E/ep, (r+1)*E/ep)."""
+    shards = [dict() for _ in range(ep_size)]
+    for name, tensor in state.items():
+        if _EXPERT_KEY in name:
+            if tensor.shape[0] % ep_size:
+                raise ValueError(f"{tensor.shape[0]} experts ({name}) do not divide over {ep_size} ranks")
+            for r, part in enumerate(tensor.chunk(ep_size, dim=0)):
+                shards[r][name] = part.clone()
+        else:
+            for shard in shards:
+                shard[name] = tensor
+    return shards
+
+
+def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: str, ep_size: int = 1) -> str:
+    """Write `ckpt` into the new directory `root` (atomically) as `torch_dist` (loads at any
+    layout) or `torch` legacy files for `ep_size` expert-parallel ranks. RNG states are not
+    carried over: they belong to the old layout's ranks."""
+    iteration = int(ckpt.common.get("iteration", 0))
+    with atomic_directory(root) as tmp:
+        directory = iteration_dir(tmp, iteration)
+        os.makedirs(directory)
+        if ckpt_format == "torch_dist":
+            _save_torch_dist_whole(directory, ckpt)
+        else:
+            models = split_expert_shards(ckpt.model, ep_size)
+            moments = (split_expert_shards(_flatten_moments(ckpt.optimizer["state"]), ep_size)
+                       if ckpt.optimizer else [None] * ep_size)
+            for r in range(ep_size):
+                payload = {**ckpt.common, "model": models[r]}
+                if ckpt.optimizer:
+                    payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": _unflatten_moments(moments[r])}
+                name = "mp_rank_00" if ep_size == 1 else f"mp_rank_00_{r:03d}"
+                os.makedirs(os.path.join(directory, name))
+                torch.save(payload, os.path.join(directory, name, MODEL_FILE))
+        with open(os.path.join(tmp, TRACKER), "w") as f:
+            f.write(str(iteration))
+    return iteration_dir(root, iteration)
+
+
+def _save_torch_dist_whole(directory: str, ckpt: TrainingCheckpoint) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": ckpt.model}
+    common = dict(ckpt.common)
+    if ckpt.optimizer:
+        state["optimizer"] = ckpt.optimizer["state"]
+        common["optimizer_step"] = ckpt.optimizer["step"]
+    torch.save(common, os.path.join(directory, COMMON))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=directory, no_dist=True)
+
+
+def load_model_checkpoint(root: str) -> ModelCheckpoint:
+    """Weights and config of the checkpoint `root`'s tracker names (or of an iteration dir)."""
+    ckpt = load_training_checkpoint(root)
+    head = ckpt.common
     if "config" not in head:
-        raise ValueError(f"{directory}: checkpoint has no 'config' entry, so the model cannot be rebuilt")
-    state_dict = merge_expert_shards([p["model"] for p in payloads]) if len(payloads) > 1 else head["model"]
+        raise ValueError(f"{root}: checkpoint has no 'config' entry, so the model cannot be rebuilt")
     extra = {k: head[k] for k in ("hf_config",) if k in head}
-    return ModelCheckpoint(model_config_from_dict(head["config"]), dict(state_dict), head["config"],
-                           head.get("args"), int(head.get("iteration", iteration)), extra)
+    return ModelCheckpoint(model_config_from_dict(head["config"]), dict(ckpt.model), head["config"],
+                           head.get("args"), int(head.get("iteration", 0)), extra)
 
 
 def save_model_checkpoint(root: str, checkpoint: ModelCheckpoint) -> str:

@@ -56,3 +56,29 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
         assert sorted(resumed) == [4, 5]
         for it in (4, 5):
             assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
+
+
+def test_offline_reshard_legacy_ep2_to_ep4_and_to_torch_dist(tmp_path):
+    import subprocess
+    import sys
+
+    saved = tmp_path / "ep2"
+    full = _run(2, 2, "--ckpt-format torch")
+    _run(2, 2, f"--ckpt-format torch --save {saved} --exit-interval 3")
+    assert (saved / "iter_0000003" / "mp_rank_00_001").is_dir()
+    ep4, dist_ckpt = tmp_path / "ep4", tmp_path / "dist"
+    for out, extra in ((ep4, ["--ckpt-format", "torch", "--target-expert-parallel-size", "4"]),
+                       (dist_ckpt, ["--ckpt-format", "torch_dist"])):
+        proc = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load-dir", str(saved),
+                               "--save-dir", str(out), *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    assert (ep4 / "iter_0000003" / "mp_rank_00_003").is_dir()
+    resumed_ep4 = _run(4, 4, f"--ckpt-format torch --load {ep4} --no-load-rng")
+    resumed_one = _run(1, 1, f"--load {dist_ckpt}")
+    for resumed in (resumed_ep4, resumed_one):
+        assert sorted(resumed) == [4, 5]
+        for it in (4, 5):
+            assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
+    proc = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load-dir", str(tmp_path / "nope"),
+                           "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("reshard.py: error:")
