@@ -102,7 +102,8 @@ class DataParallel:
         """Global L2 norm of the reduced gradients of the whole model, identical on every rank."""
         total = torch.zeros((), dtype=torch.float32, device=self.groups.device)
         for section in self.sections:
-            sq = sum((g.float().square().sum() for g in self._owned_grads(section)), start=total.new_zeros(()))
+            sq = sum((torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in self._owned_grads(section)),
+                     start=total.new_zeros(()))
             group = self.norm_groups[id(section)]
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sq, group=group)

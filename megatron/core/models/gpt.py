@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.config import ModelConfig
+from megatron.core.fusions.linear_cross_entropy import linear_cross_entropy
 from megatron.core.transformer import init
 from megatron.core.transformer.layer import TransformerBlock
 from megatron.core.transformer.moe.router import RouterOutput
@@ -85,15 +86,23 @@ class GPTModel(nn.Module):
         if self.rotary_pos_emb is not None:
             rope = self.rotary_pos_emb(position_ids_BS[0] if _same_rows(position_ids_BS) else position_ids_BS)
         h_BSD, routings = self.decoder(x_BSD, rope)
-        logits_BSV = F.linear(h_BSD, self.output_weight())
         aux = sum((r.aux_loss for r in routings), start=h_BSD.new_zeros((), dtype=torch.float32))
         if labels_BS is None:
-            return GPTOutput(logits_BSV, None, aux, routings)
-        return GPTOutput(None, language_model_loss(logits_BSV, labels_BS, loss_mask_BS), aux, routings)
+            return GPTOutput(F.linear(h_BSD, self.output_weight()), None, aux, routings)
+        return GPTOutput(None, fused_language_model_loss(h_BSD, self.output_weight(), labels_BS, loss_mask_BS),
+                         aux, routings)
 
 
 def _same_rows(position_ids_BS: torch.Tensor) -> bool:
     return position_ids_BS.stride(0) == 0 or position_ids_BS.shape[0] == 1
+
+
+def fused_language_model_loss(h_BSD: torch.Tensor, w_VD: torch.Tensor, labels_BS: torch.Tensor,
+                              loss_mask_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`language_model_loss(h_BSD @ w_VD^T, ...)` without materialising the logits."""
+    mask = torch.ones(labels_BS.numel(), device=h_BSD.device) if loss_mask_BS is None else loss_mask_BS.flatten().float()
+    weights_T = mask / mask.sum().clamp(min=1.0)
+    return linear_cross_entropy(h_BSD.flatten(0, 1), w_VD, labels_BS.flatten(), weights_T)
 
 
 def language_model_loss(logits_BSV: torch.Tensor, labels_BS: torch.Tensor,

@@ -55,11 +55,9 @@ class SelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.num_groups != self.num_heads:
-            repeats = self.num_heads // self.num_groups
-            k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         out_BHSd = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_groups != self.num_heads,
         )
         out_BSX = out_BHSd.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         return self.linear_proj(out_BSX)

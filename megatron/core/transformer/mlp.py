@@ -9,13 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.config import ModelConfig
+from megatron.core.fusions.swiglu import swiglu
 from megatron.core.transformer import init
-
-
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] -> [..., F]: silu(gate) * up, gate being the first half."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def activation(config: ModelConfig):

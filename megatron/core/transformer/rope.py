@@ -24,18 +24,16 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rotary(x_BHSd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rot_dim features of x_BHSd [B, H, S, d]; cos/sin are [S, r] or [B, S, r]."""
+    """Rotate the first rot_dim features of x_BHSd [B, H, S, d]; cos/sin are [S, r] or [B, S, r].
+
+    With halves x1, x2 of the rotated slice and c, s the first half of cos/sin (the second half
+    repeats it): out = [x1 c - x2 s, x2 c + x1 s], i.e. x cos + rotate_half(x) sin.
+    """
     rot_dim = cos.shape[-1]
+    half = rot_dim // 2
     if cos.dim() == 3:  # per-sequence positions: broadcast over heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    x_rot, x_pass = x_BHSd[..., :rot_dim], x_BHSd[..., rot_dim:]
-    rotated = (x_rot.float() * cos + rotate_half(x_rot.float()) * sin).to(x_BHSd.dtype)
-    if x_pass.shape[-1] == 0:
-        return rotated
-    return torch.cat([rotated, x_pass], dim=-1)
+    c, s = cos[..., :half].to(x_BHSd.dtype), sin[..., :half].to(x_BHSd.dtype)
+    x1, x2, x_pass = x_BHSd[..., :half], x_BHSd[..., half:rot_dim], x_BHSd[..., rot_dim:]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x_pass], dim=-1)

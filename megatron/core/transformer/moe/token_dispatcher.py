@@ -62,8 +62,8 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, probs_TK: torch.Tens
     """
     T, K = probs_TK.shape
     y_flat = y_ND.new_zeros(T * K, y_ND.shape[-1]).index_copy(0, sort_idx_N, y_ND)
-    weighted = y_flat.view(T, K, -1) * probs_TK.unsqueeze(-1).to(y_flat.dtype)
-    return weighted.sum(dim=1)
+    probs_T1K = probs_TK.unsqueeze(1).to(y_flat.dtype)
+    return torch.bmm(probs_T1K, y_flat.view(T, K, -1)).squeeze(1)
 
 
 def pad_slots(tokens_per_expert_E: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""Training-step throughput and memory: this framework vs Hugging Face MixtralForCausalLM, on CPU.
+
+    python benchmarks/vs_hf_mixtral.py            # needs transformers (a benchmark-only dependency)
+
+Same model shape (4 layers, hidden 256, FFN 512, 8 heads / 4 KV heads, 8 experts top-2, vocab
+8192), same batch (8 x 256 tokens, fp32, 2 threads), same work per step: forward, backward
+with the load-balancing loss (coefficient 0.02), gradient clipping at 1.0, and a fused AdamW
+step. Each variant runs in its own process, so their peak memories do not mix; transformers
+runs with each of its expert implementations and the best one is the reference. Printed last:
+tokens/s and peak memory of every variant and the ratios ours / best transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = dict(layers=4, hidden=256, ffn=512, heads=8, kv_heads=4, experts=8, topk=2, seq=256, batch=8, vocab=8192)
+HF_IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm"]
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tokens(seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, SHAPE["vocab"], (SHAPE["batch"], SHAPE["seq"] + 1), generator=g)
+
+
+def ours_step_fn():
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from megatron.core.parallel_state import ProcessGroups
+    from megatron.training.arguments import config_from_args, parse_args
+    from megatron.training.train import Trainer
+
+    s = SHAPE
+    flags = (f"--num-layers {s['layers']} --hidden-size {s['hidden']} --ffn-hidden-size {s['ffn']} "
+             f"--num-attention-heads {s['heads']} --group-query-attention --num-query-groups {s['kv_heads']} "
+             f"--seq-length {s['seq']} --max-position-embeddings {s['seq']} --position-embedding-type rope "
+             f"--normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights "
+             f"--hidden-dropout 0 --attention-dropout 0 --vocab-size {s['vocab']} --make-vocab-size-divisible-by 1 "
+             f"--num-experts {s['experts']} --moe-router-topk {s['topk']} --moe-aux-loss-coeff 0.02 "
+             f"--mock-data --micro-batch-size {s['batch']} --global-batch-size {s['batch']} --train-iters 10 "
+             f"--lr 1e-4 --clip-grad 1.0 --weight-decay 0.0")
+    trainer = Trainer(config_from_args(parse_args(flags.split()), world_size=1), ProcessGroups())
+    data = tokens()
+    batch = {"tokens": data[:, :-1], "labels": data[:, 1:], "loss_mask": torch.ones(s["batch"], s["seq"]),
+             "position_ids": torch.arange(s["seq"]).expand(s["batch"], -1)}
+    return lambda: trainer.train_step([batch])
+
+
+def hf_step_fn(implementation: str):
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    s = SHAPE
+    config = MixtralConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                           num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                           num_key_value_heads=s["kv_heads"], num_local_experts=s["experts"],
+                           num_experts_per_tok=s["topk"], max_position_embeddings=s["seq"],
+                           output_router_logits=True, router_aux_loss_coef=0.02, tie_word_embeddings=False,
+                           attn_implementation="sdpa", experts_implementation=implementation)
+    model = MixtralForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    data = tokens()
+
+    def step():
+        out = model(input_ids=data[:, :-1], labels=data[:, :-1])  # HF shifts labels inside
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker(variant: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    baseline = rss_mib()
+    step = ours_step_fn() if variant == "ours" else hf_step_fn(variant.split(":", 1)[1])
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    t = statistics.median(times)
+    return {"variant": variant, "step_s": t, "tokens_per_s": SHAPE["batch"] * SHAPE["seq"] / t,
+            "peak_rss_mib": rss_mib(), "peak_above_imports_mib": rss_mib() - baseline}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker, a.steps, a.warmup)))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    results = []
+    for variant in ["ours"] + [f"hf:{impl}" for impl in HF_IMPLEMENTATIONS]:
+        proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(a.steps),
+                               "--warmup", str(a.warmup)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"{variant}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
+            continue
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    import torch
+    import transformers
+
+    print(f"CPU, 2 threads; torch {torch.__version__}, transformers {transformers.__version__}; shape {SHAPE}")
+    print(f"{'variant':<16}{'step ms':>10}{'tokens/s':>11}{'peak RSS MiB':>14}{'peak - imports':>16}")
+    for r in results:
+        print(f"{r['variant']:<16}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
+              f"{r['peak_rss_mib']:>14.0f}{r['peak_above_imports_mib']:>16.0f}")
+    ours = next(r for r in results if r["variant"] == "ours")
+    hf = [r for r in results if r["variant"].startswith("hf:")]
+    if hf:
+        best = max(hf, key=lambda r: r["tokens_per_s"])
+        print(f"throughput ours / best transformers ({best['variant']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
+        print(f"peak memory above imports, ours / {best['variant']}: "
+              f"{ours['peak_above_imports_mib'] / best['peak_above_imports_mib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
