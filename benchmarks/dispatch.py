@@ -66,14 +66,26 @@ def measure(rank: int, world: int, a, out_path: str) -> None:
         out, r = layer(x)
         out.backward(grad)
 
+    # The two raw exchanges of the same volume (even splits), to separate transport from bookkeeping.
+    rows = a.tokens * a.topk
+    send = torch.randn(rows, a.hidden, device=device, dtype=dtype)
+    recv = torch.empty_like(send)
+
+    def raw_exchanges():
+        if world > 1:
+            dist.all_to_all_single(recv, send, group=groups.ep)
+            dist.all_to_all_single(send, recv, group=groups.ep)
+
     with torch.no_grad():
+        t_raw = median_time(raw_exchanges, device, repeats=a.repeats)
         t_exchange = median_time(exchange, device, repeats=a.repeats)
         t_experts = median_time(experts, device, repeats=a.repeats)
     t_full = median_time(full, device, repeats=a.repeats)
     if world > 1:
         dist.barrier()
     if rank == 0:
-        torch.save({"exchange": t_exchange, "experts": t_experts, "full": t_full, "device": describe_device(device)},
+        torch.save({"exchange": t_exchange, "raw": t_raw, "experts": t_experts, "full": t_full,
+                    "device": describe_device(device)},
                    out_path)
 
 
@@ -132,14 +144,16 @@ def main() -> None:
     first = next(iter(results.values()))
     print(f"device: {first['device']}  backend: {a.backend}  dispatcher: {a.dispatcher}  dtype: {a.dtype}")
     print(f"per rank: T={a.tokens} D={a.hidden} F={a.ffn} E={a.experts} K={a.topk}")
-    print(f"{'EP':>3}{'dispatch+combine ms':>21}{'experts ms':>12}{'exchange/experts':>18}"
+    print(f"{'EP':>3}{'dispatch+combine ms':>21}{'raw a2a x2 ms':>15}{'experts ms':>12}{'exchange/experts':>18}"
           f"{'layer fwd+bwd ms':>18}{'tokens/s (all ranks)':>22}{'vs EP=1':>9}")
     base = None
     for ep, r in results.items():
         tps = ep * a.tokens / r["full"]
         base = base or tps
-        print(f"{ep:>3}{r['exchange'] * 1e3:>21.2f}{r['experts'] * 1e3:>12.2f}{r['exchange'] / r['experts']:>18.2f}"
-              f"{r['full'] * 1e3:>18.2f}{tps:>22.0f}{tps / base:>9.2f}")
+        print(f"{ep:>3}{r['exchange'] * 1e3:>21.2f}{r['raw'] * 1e3:>15.2f}{r['experts'] * 1e3:>12.2f}"
+              f"{r['exchange'] / r['experts']:>18.2f}{r['full'] * 1e3:>18.2f}{tps:>22.0f}{tps / base:>9.2f}")
+    bytes_per = a.tokens * a.topk * a.hidden * (2 if a.dtype == "bf16" else 4)
+    print(f"bytes per exchange per rank at EP=e: {bytes_per} x (e-1)/e (see tools/estimate.py, benchmarks/SCALING.md)")
 
 
 if __name__ == "__main__":

@@ -391,8 +391,6 @@ def validate(cfg: Config) -> None:
         raise ValueError("--save-interval must be positive")
     if cfg.checkpoint.async_save and cfg.checkpoint.ckpt_format != "torch_dist":
         raise ValueError("--async-save needs --ckpt-format torch_dist")
-    if cfg.checkpoint.save_interval is not None and cfg.checkpoint.save is None:
-        raise ValueError("--save-interval needs --save DIR")
 
 
 def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
