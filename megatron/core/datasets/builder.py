@@ -14,10 +14,11 @@ import os
 import warnings
 from typing import Optional
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from megatron.core.config import Config, DataConfig
-from megatron.core.datasets.blended_dataset import BlendedDataset, cached_blending_indices, normalise_weights
+from megatron.core.datasets.blended_dataset import BlendedDataset, cached_blending_indices
 from megatron.core.datasets.gpt_dataset import SPLIT_NAMES, GPTDataset, parse_split, split_boundaries
 from megatron.core.datasets.index_cache import default_cache_dir
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -108,10 +109,9 @@ class _Builder:
                               f"the {name} blend leaves it out")
         if not present:
             return None
-        weights = normalise_weights([w for w, _ in present])
         stems = "+".join(os.path.basename(p) for _, p in present)
-        arrays = cached_blending_indices(weights, num_samples, self.cache_dir(present[0][1]),
+        arrays = cached_blending_indices([w for w, _ in present], num_samples, self.cache_dir(present[0][1]),
                                          f"blend-{name}-{stems}"[:120], self.groups, self.log)
-        counts = [int((arrays["dataset_index"] == d).sum()) for d in range(len(present))]
-        components = [self.gpt(p, split, split_weights, n) if n else None for (_, p), n in zip(present, counts)]
+        counts = np.bincount(arrays["dataset_index"], minlength=len(present))
+        components = [self.gpt(p, split, split_weights, int(n)) if n else None for (_, p), n in zip(present, counts)]
         return BlendedDataset(components, arrays["dataset_index"], arrays["dataset_sample_index"])

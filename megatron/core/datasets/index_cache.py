@@ -59,9 +59,15 @@ def _writable(directory: str) -> bool:
     return os.access(directory, os.W_OK)
 
 
-def _barrier(groups: Optional[ProcessGroups]) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _is_main(groups: Optional[ProcessGroups]) -> bool:
+    """Rank 0 of the run: from `groups`, else from torch.distributed, else (one process) True."""
+    if groups is not None:
+        return groups.is_main
+    return not _distributed() or dist.get_rank() == 0
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
@@ -107,13 +113,13 @@ def load_or_build(cache_dir: str, name: str, description: dict, names: tuple[str
     key = cache_key(description)
     stem = os.path.join(cache_dir, f"{name}-{key}")
     paths = {n: f"{stem}-{n}.npy" for n in names}
-    is_main = groups is None or groups.is_main
     built = None
-    if is_main and _load(paths) is None:
+    if _is_main(groups) and _load(paths) is None:
         log(f"building indices {name} ({key[:8]}) in {cache_dir}")
         built = build()
         _write(stem, paths, built, description)
-    _barrier(groups)
+    if _distributed():
+        dist.barrier()
     cached = _load(paths)
     if cached is not None:
         return cached
