@@ -351,17 +351,19 @@ def _moe_layer_pattern(freq: int | list[int], num_layers: int) -> tuple[int, ...
 
 
 def _vocab_size(args: argparse.Namespace) -> int:
-    """Unpadded vocabulary size: from the tokenizer when one is given, else `--vocab-size`."""
-    if args.tokenizer_type is not None and args.tokenizer_type != "NullTokenizer":
+    """Unpadded vocabulary size: from the tokenizer when one is given, else `--vocab-size`.
+
+    Megatron's NullTokenizer adds one end-of-document id after the `--vocab-size` ids.
+    """
+    if args.tokenizer_type is not None:
         from megatron.core.tokenizer import build_tokenizer
 
-        return build_tokenizer(args.tokenizer_type, args.tokenizer_model).vocab_size
+        return build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size).vocab_size
     if args.vocab_size is None:
         raise ArgumentError(
             "--vocab-size is required with --mock-data or NullTokenizer (or give --tokenizer-type and --tokenizer-model)"
         )
-    # Megatron's NullTokenizer adds one end-of-document id after the given vocabulary.
-    return args.vocab_size + 1 if args.tokenizer_type == "NullTokenizer" else args.vocab_size
+    return args.vocab_size
 
 
 def _iters_from_samples(samples: Optional[int], global_batch_size: int) -> Optional[int]:
@@ -449,6 +451,7 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         eod_mask_loss=args.eod_mask_loss,
     )
     _check_data_source(data)
+    _check_tokenizer(data)
     vocab = pad_vocab_size(_vocab_size(args), args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
 
     model = ModelConfig(
@@ -556,6 +559,13 @@ def _check_data_source(data: DataConfig) -> None:
         raise ArgumentError("--mock-data cannot be combined with --data-path / --train-data-path")
     if data.data_path and explicit:
         raise ArgumentError("give either --data-path or --train/valid/test-data-path, not both")
+    if data.data_path:
+        from megatron.core.datasets.gpt_dataset import parse_split
+
+        try:
+            parse_split(data.split)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
     for flag, paths in [("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
                         ("--valid-data-path", data.valid_data_path), ("--test-data-path", data.test_data_path)]:
         for prefix in dataset_prefixes(paths, flag):
@@ -564,6 +574,20 @@ def _check_data_source(data: DataConfig) -> None:
                     raise ArgumentError(
                         f"{flag}: {prefix + suffix} does not exist; give the prefix written by tools/preprocess_data.py"
                     )
+
+
+def _check_tokenizer(data: DataConfig) -> None:
+    """A known `--tokenizer-type` whose `--tokenizer-model` exists; one at all for real data."""
+    from megatron.core.tokenizer import check_tokenizer_args
+
+    if data.tokenizer_type is None:
+        if data.eod_mask_loss and not data.mock_data:
+            raise ArgumentError("--eod-mask-loss needs --tokenizer-type (and --tokenizer-model) for the end-of-document id")
+        return
+    try:
+        check_tokenizer_args(data.tokenizer_type, data.tokenizer_model, data.vocab_size)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
 
 
 def dataset_prefixes(paths: list[str], flag: str = "--data-path") -> list[str]:
