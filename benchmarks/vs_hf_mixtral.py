@@ -5,9 +5,10 @@
 Same model shape (4 layers, hidden 256, FFN 512, 8 heads / 4 KV heads, 8 experts top-2, vocab
 8192), same batch (8 x 256 tokens, fp32, 2 threads), same work per step: forward, backward
 with the load-balancing loss (coefficient 0.02), gradient clipping at 1.0, and a fused AdamW
-step. Each variant runs in its own process, so their peak memories do not mix; transformers
-runs with each of its expert implementations and the best one is the reference. Printed last:
-tokens/s and peak memory of every variant and the ratios ours / best transformers.
+step. Every variant runs alone in its own process (so peak memories do not mix), in
+interleaved rounds (so drift in the machine's speed hits all alike). transformers runs with each of
+its expert implementations and the fastest is the reference. Printed last: tokens/s and peak
+memory of every variant and the ratios ours / best transformers.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def hf_step_fn(implementation: str):
 
 
 def worker(variant: str, steps: int, warmup: int) -> dict:
+    """One variant alone in this process: median step time and peak memory."""
     import torch
 
     torch.set_num_threads(2)
@@ -100,44 +102,55 @@ def worker(variant: str, steps: int, warmup: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    t = statistics.median(times)
-    return {"variant": variant, "step_s": t, "tokens_per_s": SHAPE["batch"] * SHAPE["seq"] / t,
-            "peak_rss_mib": rss_mib(), "peak_above_imports_mib": rss_mib() - baseline}
+    return {"variant": variant, "step_s": statistics.median(times), "peak_rss_mib": rss_mib(),
+            "peak_above_imports_mib": rss_mib() - baseline}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.steps, a.warmup)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    results = []
-    for variant in ["ours"] + [f"hf:{impl}" for impl in HF_IMPLEMENTATIONS]:
-        proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(a.steps),
-                               "--warmup", str(a.warmup)], capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{variant}: failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else '?'}")
-            continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    runs: dict[str, list[dict]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(a.rounds):  # interleaved rounds: drift in the machine's speed hits every variant alike
+        for variant in ["ours"] + [f"hf:{impl}" for impl in HF_IMPLEMENTATIONS]:
+            if variant in failed:
+                continue
+            proc = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(a.steps),
+                                   "--warmup", str(a.warmup)], capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                failed[variant] = "killed (out of memory)" if proc.returncode in (-9, 137) else \
+                    (proc.stderr.strip().splitlines() or ["?"])[-1]
+                continue
+            runs.setdefault(variant, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
     import torch
     import transformers
 
     print(f"CPU, 2 threads; torch {torch.__version__}, transformers {transformers.__version__}; shape {SHAPE}")
-    print(f"{'variant':<16}{'step ms':>10}{'tokens/s':>11}{'peak RSS MiB':>14}{'peak - imports':>16}")
-    for r in results:
-        print(f"{r['variant']:<16}{r['step_s'] * 1e3:>10.1f}{r['tokens_per_s']:>11.0f}"
-              f"{r['peak_rss_mib']:>14.0f}{r['peak_above_imports_mib']:>16.0f}")
-    ours = next(r for r in results if r["variant"] == "ours")
-    hf = [r for r in results if r["variant"].startswith("hf:")]
+    print(f"{a.rounds} interleaved rounds of one process per variant; step time = best round's median")
+    for variant, why in failed.items():
+        print(f"{variant}: failed: {why}")
+    tokens_per_step = SHAPE["batch"] * SHAPE["seq"]
+    step_s = {v: min(r["step_s"] for r in rs) for v, rs in runs.items()}
+    memory = {v: min(r["peak_above_imports_mib"] for r in rs) for v, rs in runs.items()}
+    rss = {v: min(r["peak_rss_mib"] for r in rs) for v, rs in runs.items()}
+    print(f"{'variant':<16}{'step ms':>10}{'tokens/s':>11}{'all rounds ms':>22}{'peak RSS MiB':>14}{'peak - imports':>16}")
+    for v, t in step_s.items():
+        rounds = "/".join(f"{r['step_s'] * 1e3:.0f}" for r in runs[v])
+        print(f"{v:<16}{t * 1e3:>10.1f}{tokens_per_step / t:>11.0f}{rounds:>22}{rss[v]:>14.0f}{memory[v]:>16.0f}")
+    hf = [v for v in step_s if v.startswith("hf:")]
     if hf:
-        best = max(hf, key=lambda r: r["tokens_per_s"])
-        print(f"throughput ours / best transformers ({best['variant']}): {ours['tokens_per_s'] / best['tokens_per_s']:.2f}x")
-        print(f"peak memory above imports, ours / {best['variant']}: "
-              f"{ours['peak_above_imports_mib'] / best['peak_above_imports_mib']:.2f}")
+        best = min(hf, key=step_s.get)
+        print(f"throughput ours / best transformers ({best}): {step_s[best] / step_s['ours']:.2f}x")
+        print(f"peak memory above imports, ours / {best}: {memory['ours'] / memory[best]:.2f}")
 
 
 if __name__ == "__main__":

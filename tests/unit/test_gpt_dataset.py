@@ -96,7 +96,7 @@ def test_eod_tokens_are_masked_out_of_the_loss(tmp_path):
     ds = GPTDataset(IndexedDataset(prefix), (0, 3), 6, 3, seed=0, cache_dir=str(tmp_path / "c"), eod_token=eod)
     for i in range(len(ds)):
         s = ds[i]
-        assert torch.equal(s["loss_mask"] == 0, s["labels"] == eod)
+        assert torch.equal(s["loss_mask"] == 0, s["tokens"] == eod)  # Megatron: masked where the input is EOD
 
 
 def test_split_boundaries_follow_megatron_rounding():

@@ -18,6 +18,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from megatron.core.config import Config, DataConfig
+from megatron.core.datasets.data_paths import parse_weighted_paths
 from megatron.core.datasets.blended_dataset import BlendedDataset, cached_blending_indices
 from megatron.core.datasets.gpt_dataset import SPLIT_NAMES, GPTDataset, parse_split, split_boundaries
 from megatron.core.datasets.index_cache import default_cache_dir
@@ -36,7 +37,6 @@ def eod_token(data: DataConfig) -> int:
 
 def build_gpt_datasets(cfg: Config, sizes: tuple[int, int, int], groups: Optional[ProcessGroups] = None
                        ) -> tuple[Optional[Dataset], Optional[Dataset], Optional[Dataset]]:
-    from megatron.training.arguments import parse_weighted_paths
 
     d = cfg.data
     is_main = groups is None or groups.is_main

@@ -47,7 +47,7 @@ def sample_from_tokens(tokens_S1: torch.Tensor, eod_token: int | None = None) ->
     tokens = tokens_S1[:-1].contiguous()
     labels = tokens_S1[1:].contiguous()
     loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
-    if eod_token is not None:
-        loss_mask[labels == eod_token] = 0.0
+    if eod_token is not None:  # Megatron's --eod-mask-loss: no loss where the input is end-of-document
+        loss_mask[tokens == eod_token] = 0.0
     position_ids = torch.arange(tokens.shape[0], dtype=torch.int64)
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
