@@ -53,7 +53,7 @@ def exchange_seconds(nbytes: float, peers: int, gbps: float, alpha_us: float) ->
 
 
 def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: float, inter_gbps: float,
-             alpha_us: float, overlap: bool) -> dict:
+             alpha_us: float, overlap: bool, peak_tflops: float = 989.0) -> dict:
     m, t, p = cfg.model, cfg.training, cfg.parallel
     world = gpus_per_node * nodes
     ep, dp = p.expert_model_parallel_size, world
@@ -91,7 +91,7 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
         "grad_reduce_bytes_per_gpu": grad_bytes, "grad_reduce_s": grad_s, "step_s": step_s,
         "tokens_per_s": t.global_batch_size * m.seq_length / step_s,
         "memory_gib": (4 * local + 4 * local + optim_bytes + act_bytes) / 2**30,
-        "mfu": flops_token * tokens_per_gpu / step_s / (989e12 if tflops > 50 else tflops * 1e12),
+        "mfu": flops_token * tokens_per_gpu / step_s / (peak_tflops * 1e12),
     }
 
 
@@ -100,6 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tflops", type=float, default=400.0, help="achieved dense TFLOP/s per GPU")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="spec peak for MFU (H100/H200 bf16 dense)")
     p.add_argument("--intra-node-gbps", type=float, default=3600.0, help="per-GPU intra-node bandwidth, Gbit/s")
     p.add_argument("--inter-node-gbps", type=float, default=400.0, help="per-GPU inter-node bandwidth, Gbit/s")
     p.add_argument("--alpha-us", type=float, default=10.0, help="latency per peer per exchange, microseconds")
@@ -115,7 +116,7 @@ def main(argv=None) -> None:
         print(f"estimate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     r = estimate(cfg, a.gpus_per_node, a.nodes, a.tflops, a.intra_node_gbps, a.inter_node_gbps, a.alpha_us,
-                 not a.no_overlap)
+                 not a.no_overlap, a.peak_tflops)
     print(f"world {r['world']} ({a.nodes} x {a.gpus_per_node}), expert-parallel {r['ep']}")
     print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['local_params'] / 1e9:.2f} B per GPU; "
           f"training FLOPs per token / 6 = {r['active_params_per_token'] / 1e9:.2f} B")

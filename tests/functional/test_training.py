@@ -88,3 +88,20 @@ def test_finetune_loads_weights_only(tmp_path, capsys):
     pretrain(make_config(f"--train-iters 2 --save {save} --ckpt-format torch"))
     state = pretrain(make_config(f"--train-iters 1 --load {save} --finetune --ckpt-format torch"))
     assert state.iteration == 1  # started again from 0
+
+
+def test_tensorboard_scalars_include_per_layer_expert_load(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    pretrain(make_config(f"--train-iters 2 --tensorboard-dir {tb} --moe-expert-capacity-factor 1.0 "
+                         f"--eval-iters 1 --eval-interval 2"))
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("lm loss", "learning-rate", "grad-norm", "load_balancing_loss", "lm loss validation",
+                "moe/layer_00/max_over_mean_load", "moe/layer_01/dropped_fraction",
+                "moe/layer_00/tokens_per_expert/expert_003"):
+        assert tag in tags, tag
+    counts = [events.Scalars(f"moe/layer_00/tokens_per_expert/expert_{e:03d}")[-1].value for e in range(4)]
+    assert sum(counts) == pytest.approx(4 * 16 * 2)  # tokens per micro-batch x micro-batches x top-k

@@ -45,7 +45,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_dh:
                 torch.mm(grad, w_VD, out=dh_TD[start:start + step])
             if want_dw:
-                dw_VD.add_(torch.mm(grad.t(), h))
+                if grad.dtype == dw_VD.dtype:
+                    dw_VD.addmm_(grad.t(), h)
+                else:
+                    dw_VD.add_(torch.mm(grad.t(), h))
         ctx.save_for_backward(dh_TD, dw_VD.to(w_VD.dtype) if want_dw else None)
         return loss
 
