@@ -41,6 +41,10 @@ from megatron.training.logger import print_rank_0
 if TYPE_CHECKING:
     from megatron.training.train import Trainer
 
+# torch.distributed.checkpoint warns when it runs in one process, which is this framework's intent
+# for single-process runs (also from the background thread of an asynchronous save).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 TRACKER = "latest_checkpointed_iteration.txt"
 COMMON = "common.pt"
 CHECKPOINT_VERSION = 3.0
@@ -215,12 +219,8 @@ def _save_torch_dist(trainer, tmp: str, common: dict, tensors: dict, rng, groups
     if use_async:
         if trainer.checkpoint_group is None and not no_dist:  # async writes must not share the training group
             trainer.checkpoint_group = dist.new_group(backend="gloo")
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            return dcp.async_save(state, checkpoint_id=tmp, no_dist=no_dist, process_group=trainer.checkpoint_group)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
+        return dcp.async_save(state, checkpoint_id=tmp, no_dist=no_dist, process_group=trainer.checkpoint_group)
+    dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
     return None
 
 
@@ -331,9 +331,7 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
         target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in m.items()}
                                for name, m in optim_local["state"].items()}
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(target, checkpoint_id=directory, no_dist=groups.world_size == 1)
+        dcp.load(target, checkpoint_id=directory, no_dist=groups.world_size == 1)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
         raise CheckpointError(f"--load: cannot read {directory} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or incomplete") from None

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -203,12 +202,10 @@ def _load_torch_dist_whole(directory: str) -> TrainingCheckpoint:
             name, moment = key[len("optimizer."):].rsplit(".", 1)
             moments.setdefault(name, {})[moment] = empty
     target = {"model": model, **({"optimizer": moments} if moments else {})}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        try:
-            dcp.load(target, checkpoint_id=directory, no_dist=True)
-        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
-            raise ValueError(f"cannot read {directory}: {type(e).__name__}; it is corrupt or incomplete") from None
+    try:
+        dcp.load(target, checkpoint_id=directory, no_dist=True)
+    except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
+        raise ValueError(f"cannot read {directory}: {type(e).__name__}; it is corrupt or incomplete") from None
     optimizer = {"step": common.get("optimizer_step", 0), "state": moments} if moments else None
     return TrainingCheckpoint({k: v for k, v in common.items() if k != "optimizer_step"}, model, optimizer)
 
@@ -263,9 +260,7 @@ def _save_torch_dist_whole(directory: str, ckpt: TrainingCheckpoint) -> None:
         state["optimizer"] = ckpt.optimizer["state"]
         common["optimizer_step"] = ckpt.optimizer["step"]
     torch.save(common, os.path.join(directory, COMMON))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=directory, no_dist=True)
+    dcp.save(state, checkpoint_id=directory, no_dist=True)
 
 
 def load_model_checkpoint(root: str) -> ModelCheckpoint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
@@ -34,7 +35,19 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
-    """fn(rank, world_size, *args) on every rank; returns the list of results by rank."""
+    """fn(rank, world_size, *args) on every rank; returns the list of results by rank.
+
+    A rendezvous port taken between choosing and binding it is retried once with another port.
+    """
+    try:
+        return _run_once(fn, world_size, args, timeout)
+    except AssertionError as e:
+        if "address already in use" not in str(e).lower():
+            raise
+        return _run_once(fn, world_size, args, timeout)
+
+
+def _run_once(fn, world_size: int, args: tuple, timeout: float) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args), nprocs=world_size,
                                  join=False, start_method="spawn")
@@ -49,6 +62,6 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0) -> list:
                     payload = torch.load(path, weights_only=False)
                     if not payload["ok"]:
                         errors.append(f"rank {r}:\n{payload['error']}")
-            raise AssertionError("\n".join(errors) or "a rank failed") from None
+            raise AssertionError("\n".join(errors) or f"a rank failed: {sys.exc_info()[1]}") from None
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)["result"]
                 for r in range(world_size)]
