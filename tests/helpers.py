@@ -55,3 +55,17 @@ def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: b
     offset = layer.dispatcher.local_expert_offset if layer is not None else 0
     return dict(losses=losses, norms=norms, grads=grads, params=params, buffers=buffers, loads=loads,
                 expert_offset=offset, rank=groups.rank)
+
+
+def load_tool(name: str):
+    """Import tools/<name>.py as a module (tools are scripts, not a package)."""
+    import importlib.util
+    import os
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(repo, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # worker processes unpickle its functions by module name
+    spec.loader.exec_module(module)
+    return module

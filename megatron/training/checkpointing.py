@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing import (
     local_tensors,
     optimizer_state_by_name,
     shard_experts,
+    tensor_mismatches,
 )
 from megatron.core.parallel_state import ProcessGroups
 from megatron.training.logger import print_rank_0
@@ -356,19 +357,11 @@ def _read_metadata(directory: str):
 
 def check_tensor_shapes(metadata, target: dict, prefix: str, source: str) -> None:
     """Every tensor this model needs is in the checkpoint with the same global shape, and no more."""
-    saved = {k[len(prefix) + 1:]: m for k, m in metadata.state_dict_metadata.items() if k.startswith(prefix + ".")}
-    problems = []
-    missing = sorted(set(target) - set(saved))
-    unexpected = sorted(set(saved) - set(target))
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-    for name, t in target.items():
-        if name in saved and hasattr(saved[name], "size") and tuple(saved[name].size) != tuple(t.shape):
-            problems.append(f"{name}: checkpoint {tuple(saved[name].size)} vs model {tuple(t.shape)}")
+    saved = {k[len(prefix) + 1:]: getattr(m, "size", None) for k, m in metadata.state_dict_metadata.items()
+             if k.startswith(prefix + ".")}
+    problems = tensor_mismatches({k: tuple(t.shape) for k, t in target.items()}, saved)
     if problems:
-        raise CheckpointError(f"--load: {source} does not match this model: " + "; ".join(problems[:4]))
+        raise CheckpointError(f"--load: {source} does not match this model: " + "; ".join(problems))
 
 
 def check_compatible(saved_config: Optional[dict], cfg: Config, source: str) -> None:
@@ -396,18 +389,8 @@ def _norm(value):
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     """Strict load that names every missing, unexpected or mis-shaped tensor."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensors (e.g. {', '.join(unexpected[:3])})")
-    if shapes:
-        problems.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:3])})")
+    problems = tensor_mismatches({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                 {k: tuple(v.shape) for k, v in state.items()})
     if problems:
         raise CheckpointError(f"--load: {source} does not match this model: " + "; ".join(problems))
     model.load_state_dict(state, strict=True)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from megatron.core.config import ModelConfig
+from megatron.core.dist_checkpointing import tensor_mismatches
 
 Tensor = torch.Tensor
 
@@ -482,25 +483,9 @@ def megatron_param_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...
     return shapes
 
 
-def _examples(keys: Sequence[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
 def check_state_dict(state_dict: Mapping[str, Tensor], model_config: ModelConfig, what: str) -> None:
     """ValueError naming every missing, unexpected or mis-shaped tensor of our state dict."""
-    expected = megatron_param_shapes(model_config)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k} {tuple(state_dict[k].shape)} != {expected[k]}"
-             for k in expected if k in state_dict and tuple(state_dict[k].shape) != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_examples(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_examples(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes: {_examples(wrong)}")
+    problems = tensor_mismatches(megatron_param_shapes(model_config), {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         raise ValueError(f"{what} does not match the model config: " + "; ".join(problems))
 
@@ -671,19 +656,17 @@ def hf_to_megatron_state_dict(hf_state_dict: Mapping[str, Tensor], model_config:
     """
     arch = _arch(model_config, architecture)
     maps = tensor_maps(model_config, arch, detect_expert_layout(list(hf_state_dict.keys()), model_config, arch))
-    expected = [k for m in maps for k in m.hf]
-    expected_set = set(expected)
-    missing = [k for k in expected if k not in hf_state_dict]
-    unexpected = [k for k in hf_state_dict.keys() if k not in expected_set]
+    expected = {k: None for m in maps for k in m.hf}
+    present = {k: None for k in hf_state_dict.keys()}
     tied_copy = OUTPUT_RENAME[1]
-    if tied_copy in unexpected and not model_config.untie_embeddings_and_output_weights:
-        unexpected.remove(tied_copy)
-        if not missing and not torch.equal(hf_state_dict[tied_copy], hf_state_dict[GLOBAL_RENAMES[0][1]]):
+    if tied_copy in present and tied_copy not in expected and not model_config.untie_embeddings_and_output_weights:
+        del present[tied_copy]  # a tied lm_head stored anyway: accepted only if it is the embedding
+        embedding = GLOBAL_RENAMES[0][1]
+        if embedding in hf_state_dict and not torch.equal(hf_state_dict[tied_copy], hf_state_dict[embedding]):
             raise ValueError(f"tie_word_embeddings is true but {tied_copy} differs from model.embed_tokens.weight")
-    if missing or unexpected:
-        parts = ([f"missing tensors: {_examples(missing)}"] if missing else []) + \
-                ([f"unexpected tensors: {_examples(unexpected)}"] if unexpected else [])
-        raise ValueError("Hugging Face checkpoint does not match its config.json: " + "; ".join(parts))
+    problems = tensor_mismatches(expected, present)
+    if problems:
+        raise ValueError("Hugging Face checkpoint does not match its config.json: " + "; ".join(problems))
     out: dict[str, Tensor] = {}
     for m in maps:
         out.update(zip(m.ours, _apply(m.to_ours, [hf_state_dict[k] for k in m.hf], m.hf)))

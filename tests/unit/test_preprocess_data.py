@@ -3,7 +3,6 @@ naming file and line, and no valid-looking output from a failed or interrupted r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,16 +13,10 @@ import pytest
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizer import build_tokenizer
+from tests.helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
 
 
 preprocess = load_tool("preprocess_data")

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 
 import pytest
 
 from megatron.core.tokenizer import build_tokenizer
+from tests.helpers import load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # worker processes unpickle its functions by module name
-    spec.loader.exec_module(module)
-    return module
 
 
 CORPUS = [

@@ -9,7 +9,7 @@ at another: torch.distributed.checkpoint reads each rank's slice of the global t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -95,3 +95,26 @@ def local_tensors(tensors: dict) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+def _examples(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def tensor_mismatches(expected: Mapping[str, Optional[tuple]], actual: Mapping[str, Optional[tuple]]) -> list[str]:
+    """What differs between two {name: shape} maps (a None shape is not compared), as phrases
+    such as "missing tensors: a, b" for an error message; empty when they agree."""
+    missing = [k for k in expected if k not in actual]
+    unexpected = [k for k in actual if k not in expected]
+    wrong = [f"{k} {tuple(actual[k])} != {tuple(expected[k])}" for k in expected
+             if k in actual and expected[k] is not None and actual[k] is not None
+             and tuple(actual[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {_examples(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {_examples(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes: {_examples(wrong)}")
+    return problems
