@@ -7,7 +7,6 @@ Bad flags are reported as one line naming the flag, with exit status 2, before a
 allocated.
 """
 
-import os
 import sys
 import warnings
 

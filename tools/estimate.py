@@ -21,7 +21,6 @@ benchmarks/SCALING.md compares its prediction with the measured CPU weak scaling
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 

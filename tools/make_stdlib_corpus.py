@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import sysconfig
-from typing import Iterator, Optional
+from typing import Optional
 
 PROG = "make_stdlib_corpus.py"
 SKIP_DIRS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,9 +11,7 @@ import pytest
 
 import pretrain_gpt
 from megatron.training import checkpointing
-from megatron.training.checkpointing import CheckpointError
 from megatron.training.train import pretrain
-from tests.functional.test_training import losses_from
 from tests.helpers import TINY_FLAGS, make_config
 
 FMT = ["torch_dist", "torch"]

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 
 from megatron.training.train import Trainer, pretrain
 from megatron.core.parallel_state import ProcessGroups
