@@ -233,17 +233,18 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     train_ds, valid_ds, test_ds = build_datasets(cfg, groups)
     loader = build_loader(train_ds, cfg, groups, state.consumed_train_samples)
     batches = micro_batches(loader, groups.device)
+    flops_per_iter = training_flops_per_iteration(cfg.model, t.global_batch_size)
     logger = TrainingLogger(groups.is_main, t.train_iters, t.log_interval, t.global_batch_size,
-                            cfg.model.seq_length, training_flops_per_iteration(cfg.model, t.global_batch_size),
-                            groups.world_size, groups.device, t.tensorboard_dir)
+                            cfg.model.seq_length, flops_per_iter, groups.world_size, groups.device,
+                            t.tensorboard_dir)
     print_rank_0(groups.is_main, f"> training from iteration {state.iteration} to {t.train_iters} "
                  f"({cfg.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step)")
-    flops_per_iter = training_flops_per_iteration(cfg.model, t.global_batch_size)
-    last_saved = state.iteration
-    first_iteration = state.iteration
+    save = cfg.checkpoint.save is not None
+    last_saved = first_iteration = state.iteration
     loop_start = time.perf_counter()
+    exiting = False
     with _StopRequest() as stop:
-        while state.iteration < t.train_iters:
+        while state.iteration < t.train_iters and not exiting:
             result = trainer.train_step(_take(batches, cfg.num_microbatches))
             state.iteration += 1
             state.consumed_train_samples += t.global_batch_size
@@ -251,32 +252,26 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
             logger.record(result)
             logger.maybe_log(state.iteration, state.consumed_train_samples, result,
                              time.perf_counter() - loop_start, state.iteration - first_iteration)
-
             if valid_ds is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
                 loss = trainer.evaluate(valid_ds)
                 logger.log_evaluation(f"iteration {state.iteration}", state.iteration, loss,
                                       state.consumed_train_samples, "validation")
-            save = cfg.checkpoint.save is not None
             if save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
                 checkpointing.save_checkpoint(trainer, cfg, groups, args)
                 last_saved = state.iteration
-            if _should_exit(cfg, state, start_time, stop, groups):
-                if save and last_saved != state.iteration:
-                    checkpointing.save_checkpoint(trainer, cfg, groups, args)
-                    last_saved = state.iteration
-                print_rank_0(groups.is_main, f"exiting program at iteration {state.iteration}")
-                checkpointing.finalize(trainer)
-                logger.close()
-                return state
+            exiting = _should_exit(cfg, state, start_time, stop, groups)
 
-    if cfg.checkpoint.save is not None and last_saved != state.iteration:
+    if save and last_saved != state.iteration:
         checkpointing.save_checkpoint(trainer, cfg, groups, args)
     checkpointing.finalize(trainer)
-    for dataset, split in ((valid_ds, "validation"), (test_ds, "test")):
-        if dataset is not None:
-            loss = trainer.evaluate(dataset)
-            logger.log_evaluation(f"iteration {state.iteration} on {split} set", state.iteration, loss,
-                                  state.consumed_train_samples, split)
+    if exiting:
+        print_rank_0(groups.is_main, f"exiting program at iteration {state.iteration}")
+    else:
+        for dataset, split in ((valid_ds, "validation"), (test_ds, "test")):
+            if dataset is not None:
+                loss = trainer.evaluate(dataset)
+                logger.log_evaluation(f"iteration {state.iteration} on {split} set", state.iteration, loss,
+                                      state.consumed_train_samples, split)
     logger.close()
     return state
 
