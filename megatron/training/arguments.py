@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import yaml
 
-from megatron.core.datasets.data_paths import dataset_prefixes, parse_weighted_paths  # noqa: F401
+from megatron.core.datasets.data_paths import dataset_prefixes
 from megatron.core.config import (
     CheckpointConfig,
     Config,

@@ -110,7 +110,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda_rng_state"])
 
 
-def read_tracker(root: str) -> Optional[int]:
+def read_tracker(root: str, flag: str = "--load") -> Optional[int]:
     """The iteration named by `latest_checkpointed_iteration.txt` ('release' = 0), or None."""
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
@@ -121,7 +121,7 @@ def read_tracker(root: str) -> Optional[int]:
     try:
         return int(text)
     except ValueError:
-        raise CheckpointError(f"--load: {path} holds {text!r}, not an iteration number") from None
+        raise CheckpointError(f"{flag}: {path} holds {text!r}, not an iteration number") from None
 
 
 def checkpoint_dir_for(root: str, iteration: int) -> str:

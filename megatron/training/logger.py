@@ -29,6 +29,10 @@ class MoELayerLoad:
     tokens_per_expert_E: torch.Tensor
     dropped_fraction: float
 
+    def __add__(self, other: "MoELayerLoad") -> "MoELayerLoad":
+        return MoELayerLoad(self.tokens_per_expert_E + other.tokens_per_expert_E,
+                            self.dropped_fraction + other.dropped_fraction)
+
     @property
     def max_over_mean(self) -> float:
         mean = float(self.tokens_per_expert_E.mean())
@@ -58,7 +62,7 @@ class _Interval:
     grad_norm: float = 0.0
     skipped: int = 0
     nan: int = 0
-    loads: Optional[list] = None
+    loads: Optional[list[MoELayerLoad]] = None
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -114,12 +118,7 @@ class TrainingLogger:
         for k, v in r.aux_losses.items():
             iv.aux[k] = iv.aux.get(k, 0.0) + v
         if r.moe_loads:
-            if iv.loads is None:
-                iv.loads = [[l.tokens_per_expert_E.clone(), l.dropped_fraction] for l in r.moe_loads]
-            else:
-                for acc, l in zip(iv.loads, r.moe_loads):
-                    acc[0] += l.tokens_per_expert_E
-                    acc[1] += l.dropped_fraction
+            iv.loads = list(r.moe_loads) if iv.loads is None else [a + b for a, b in zip(iv.loads, r.moe_loads)]
 
     def maybe_log(self, iteration: int, consumed_samples: int, last: StepResult, elapsed_total_s: float,
                   iterations_this_run: int) -> None:
@@ -175,13 +174,11 @@ class TrainingLogger:
         w.add_scalar("mem-max-allocated-gib", peak_memory_gib(self.device), it)
         w.add_scalar("skipped-iterations", iv.skipped, it)
         w.add_scalar("nan-iterations", iv.nan, it)
-        for layer, (tokens_E, dropped) in enumerate(iv.loads or []):
-            tokens_E = tokens_E / n
-            mean = float(tokens_E.mean())
+        for layer, load in enumerate(iv.loads or []):
             tag = f"moe/layer_{layer:02d}"
-            w.add_scalar(f"{tag}/max_over_mean_load", float(tokens_E.max()) / mean if mean else 0.0, it)
-            w.add_scalar(f"{tag}/dropped_fraction", dropped / n, it)
-            for e, count in enumerate(tokens_E.tolist()):
+            w.add_scalar(f"{tag}/max_over_mean_load", load.max_over_mean, it)
+            w.add_scalar(f"{tag}/dropped_fraction", load.dropped_fraction / n, it)
+            for e, count in enumerate((load.tokens_per_expert_E / n).tolist()):
                 w.add_scalar(f"{tag}/tokens_per_expert/expert_{e:03d}", count, it)
         w.flush()
 

@@ -10,9 +10,9 @@ the run's `Config`), `args` (the argparse namespace of its flags) and `iteration
 `save_model_checkpoint` writes a converted checkpoint: iteration 0, tracker `release`, no
 optimizer state (load it for training with `--finetune`, or `--no-load-optim --no-load-rng`).
 
-Note: Megatron-LM keeps a `release` checkpoint in `<root>/release/`; this framework's loader
-(`checkpointing.read_tracker`) reads `release` as iteration 0 and looks in `iter_0000000/`, so
-that is where converted checkpoints go. Both directory names are accepted when reading.
+Note: Megatron-LM keeps a `release` checkpoint in `<root>/release/`; converted checkpoints go
+to `iter_0000000/` with a `release` tracker. Both directory names are read
+(`checkpointing.checkpoint_dir_for`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,20 @@ import torch
 
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.training.atomic_dir import atomic_directory
-from megatron.training.checkpointing import CHECKPOINT_VERSION, COMMON, TRACKER, iteration_dir
+from megatron.core.optimizer import is_expert_param
+from megatron.training.checkpointing import (
+    CHECKPOINT_VERSION,
+    COMMON,
+    TRACKER,
+    checkpoint_dir_for,
+    is_torch_dist,
+    iteration_dir,
+    rank_dir_name,
+    read_tracker,
+)
 
 MODEL_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
-_EXPERT_KEY = ".mlp.experts."
 
 
 @dataclass
@@ -67,27 +76,16 @@ def _checkpoint_dir(root: str) -> tuple[str, int]:
     """The iteration directory the tracker names (or `root` itself if it is one), and its iteration."""
     if not os.path.isdir(root):
         raise ValueError(f"--load-dir {root} is not a directory")
-    if any(_RANK_DIR.match(name) for name in os.listdir(root)):
+    if is_torch_dist(root) or any(_RANK_DIR.match(name) for name in os.listdir(root)):
         match = re.search(r"iter_(\d+)$", os.path.normpath(root))
         return root, int(match.group(1)) if match else 0
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        raise ValueError(f"--load-dir {root} has no {TRACKER} and no mp_rank_* directories; "
-                         "is it a Megatron checkpoint?")
-    text = open(tracker).read().strip()
-    if text == "release":
-        candidates = [os.path.join(root, "release"), iteration_dir(root, 0)]
-        iteration = 0
-    else:
-        try:
-            iteration = int(text)
-        except ValueError:
-            raise ValueError(f"{tracker} holds {text!r}, not an iteration number or 'release'") from None
-        candidates = [iteration_dir(root, iteration)]
-    for directory in candidates:
-        if os.path.isdir(directory):
-            return directory, iteration
-    raise ValueError(f"{tracker} names {text!r} but {candidates[-1]} is missing")
+    iteration = read_tracker(root, "--load-dir")
+    if iteration is None:
+        raise ValueError(f"--load-dir {root} has no {TRACKER} and no checkpoint files; is it a Megatron checkpoint?")
+    directory = checkpoint_dir_for(root, iteration)
+    if not os.path.isdir(directory):
+        raise ValueError(f"--load-dir: {TRACKER} names iteration {iteration} but {directory} is missing")
+    return directory, iteration
 
 
 def _rank_files(directory: str) -> list[str]:
@@ -123,7 +121,7 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
             raise ValueError(f"expert-parallel rank {rank} holds different tensors than rank 0")
     merged = {}
     for name, tensor in first.items():
-        if _EXPERT_KEY in name:
+        if is_expert_param(name):
             merged[name] = torch.cat([s[name] for s in shards], dim=0)
         else:
             for rank, shard in enumerate(shards[1:], start=1):
@@ -214,7 +212,7 @@ def split_expert_shards(state: dict[str, torch.Tensor], ep_size: int) -> list[di
     """Inverse of `merge_expert_shards`: EP rank r gets experts [r*E/ep, (r+1)*E/ep)."""
     shards = [dict() for _ in range(ep_size)]
     for name, tensor in state.items():
-        if _EXPERT_KEY in name:
+        if is_expert_param(name):
             if tensor.shape[0] % ep_size:
                 raise ValueError(f"{tensor.shape[0]} experts ({name}) do not divide over {ep_size} ranks")
             for r, part in enumerate(tensor.chunk(ep_size, dim=0)):
@@ -243,7 +241,7 @@ def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: s
                 payload = {**ckpt.common, "model": models[r]}
                 if ckpt.optimizer:
                     payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": _unflatten_moments(moments[r])}
-                name = "mp_rank_00" if ep_size == 1 else f"mp_rank_00_{r:03d}"
+                name = rank_dir_name(ep_size, r)
                 os.makedirs(os.path.join(directory, name))
                 torch.save(payload, os.path.join(directory, name, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:

@@ -36,6 +36,13 @@ def _run(world: int, ep: int, extra: str) -> dict:
     return run_distributed(_train, world, ep, extra)[0]
 
 
+def _assert_continues(resumed: dict, full: dict) -> None:
+    """A run resumed at iteration 3 logs iterations 4 and 5 with the uninterrupted run's losses."""
+    assert sorted(resumed) == [4, 5]
+    for it in (4, 5):
+        assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
+
+
 @pytest.mark.parametrize("fmt", ["torch_dist", "torch"])
 def test_exact_resume_on_two_ranks(tmp_path, fmt):
     extra = f"--ckpt-format {fmt} --use-distributed-optimizer"
@@ -53,9 +60,7 @@ def test_reshard_ep2_to_ep1_and_ep4(tmp_path):
     on_one = _run(1, 1, f"--load {saved}")
     on_four = _run(4, 4, f"--load {saved} --use-distributed-optimizer")
     for resumed in (on_one, on_four):
-        assert sorted(resumed) == [4, 5]
-        for it in (4, 5):
-            assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
+        _assert_continues(resumed, full)
 
 
 def test_offline_reshard_legacy_ep2_to_ep4_and_to_torch_dist(tmp_path):
@@ -76,9 +81,7 @@ def test_offline_reshard_legacy_ep2_to_ep4_and_to_torch_dist(tmp_path):
     resumed_ep4 = _run(4, 4, f"--ckpt-format torch --load {ep4} --no-load-rng")
     resumed_one = _run(1, 1, f"--load {dist_ckpt}")
     for resumed in (resumed_ep4, resumed_one):
-        assert sorted(resumed) == [4, 5]
-        for it in (4, 5):
-            assert abs(float(resumed[it]) - float(full[it])) / float(full[it]) < 1e-5, (resumed, full)
+        _assert_continues(resumed, full)
     proc = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load-dir", str(tmp_path / "nope"),
                            "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("reshard.py: error:")
