@@ -15,7 +15,7 @@ import torch
 
 
 def _chunk_tokens(vocab: int, device: torch.device) -> int:
-    budget = 2**21 if device.type == "cpu" else 2**27  # logits elements per chunk
+    budget = 2**22 if device.type == "cpu" else 2**27  # logits elements per chunk
     return max(16, budget // max(vocab, 1))
 
 
@@ -33,14 +33,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             y = labels_T[start:start + step]
             wt = weights_T[start:start + step].float()
             logits = torch.mm(h, w_VD.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-            loss += ((lse - target) * wt).sum()
+            # One exp pass serves both the loss and the gradient: e = exp(logits - max), in place.
+            row_max = logits.amax(dim=1)
+            e = logits.sub_(row_max.unsqueeze(1)).exp_()
+            sum_e = e.sum(dim=1)
+            loss += ((row_max + sum_e.log() - target) * wt).sum()
             if not (want_dh or want_dw):
                 continue
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
-            grad[torch.arange(grad.shape[0], device=grad.device), y] -= 1.0
-            grad.mul_(wt.unsqueeze(1))
+            grad = e.mul_((wt / sum_e).unsqueeze(1))  # wt * softmax
+            grad[torch.arange(grad.shape[0], device=grad.device), y] -= wt
             grad = grad.to(h_TD.dtype)
             if want_dh:
                 torch.mm(grad, w_VD, out=dh_TD[start:start + step])
