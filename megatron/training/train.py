@@ -32,6 +32,7 @@ from megatron.core.transformer.moe.router import RouterStats
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets, build_loader, micro_batches
 from megatron.training.flops import training_flops_per_iteration
+from megatron.training.host_memory import keep_freed_host_memory
 from megatron.training.logger import MoELayerLoad, StepResult, TrainingLogger, print_rank_0
 
 
@@ -63,9 +64,13 @@ def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
 
 
 class Trainer:
-    """Model, data-parallel gradients, optimizer, schedule and scaler of one run."""
+    """Model, data-parallel gradients, optimizer, schedule and scaler of one run.
+
+    On CPU it also sets the process's malloc to keep freed memory (`host_memory`)."""
 
     def __init__(self, cfg: Config, groups: ProcessGroups):
+        if groups.device.type == "cpu":
+            keep_freed_host_memory()
         self.cfg = cfg
         self.groups = groups
         self.model = build_model(cfg, groups)
