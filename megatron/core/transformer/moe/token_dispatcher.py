@@ -66,10 +66,9 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, probs_TK: torch.Tens
     return torch.bmm(probs_T1K, y_flat.view(T, K, -1)).squeeze(1)
 
 
-def pad_slots(tokens_per_expert_E: torch.Tensor, capacity: int) -> torch.Tensor:
-    """slot_N: where each grouped row goes when every expert is padded to `capacity` rows."""
+def pad_slots(tokens_per_expert_E: torch.Tensor, capacity: int, N: int) -> torch.Tensor:
+    """slot_N: where each of the N grouped rows goes when every expert is padded to `capacity` rows."""
     E = tokens_per_expert_E.numel()
-    N = int(tokens_per_expert_E.sum())
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=tokens_per_expert_E.device),
                                             tokens_per_expert_E, output_size=N)
     starts = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
@@ -184,7 +183,7 @@ class LocalDispatcher:
         if not self.moe.pad_to_capacity:
             return x_ND, counts_L
         per_expert = capacity * self.ep_size
-        state.pad_slot_N = pad_slots(counts_L, per_expert)
+        state.pad_slot_N = pad_slots(counts_L, per_expert, x_ND.shape[0])
         padded = x_ND.new_zeros(counts_L.numel() * per_expert, x_ND.shape[1]).index_copy(0, state.pad_slot_N, x_ND)
         return padded, torch.full_like(counts_L, per_expert)
 
@@ -204,10 +203,10 @@ class AllToAllDispatcher(LocalDispatcher):
         counts_recv = torch.empty_like(counts_E)
         dist.all_to_all_single(counts_recv, counts_E, group=self.ep_group)
         counts_recv_RL = counts_recv.view(EP, L)
-        send_splits = counts_E.view(EP, L).sum(1).tolist()
-        recv_splits = counts_recv_RL.sum(1).tolist()
+        # The one host sync of the dispatch: all_to_all_single takes its splits as Python ints.
+        send_splits, recv_splits = torch.stack([counts_E.view(EP, L).sum(1), counts_recv_RL.sum(1)]).tolist()
         x_recv = all_to_all(x_ND, recv_splits, send_splits, self.ep_group)
-        regroup_idx = _source_major_to_expert_major(counts_recv_RL)
+        regroup_idx = _source_major_to_expert_major(counts_recv_RL, sum(recv_splits))
         x_local = x_recv.index_select(0, regroup_idx)
         state = _State(sort_idx, routing.probs_TK, send_splits=send_splits, recv_splits=recv_splits,
                        regroup_idx=regroup_idx)
@@ -222,14 +221,13 @@ class AllToAllDispatcher(LocalDispatcher):
         return unpermute(y_sent, state.sort_idx_N, state.probs_TK)
 
 
-def _source_major_to_expert_major(counts_RL: torch.Tensor) -> torch.Tensor:
-    """Index that reorders rows laid out [source rank][local expert] into [local expert][source rank]."""
+def _source_major_to_expert_major(counts_RL: torch.Tensor, N: int) -> torch.Tensor:
+    """Index that reorders N rows laid out [source rank][local expert] into [local expert][source rank]."""
     R, L = counts_RL.shape
     flat = counts_RL.reshape(-1)
     starts = (torch.cumsum(flat, 0) - flat).view(R, L)
     blocks_start = starts.t().reshape(-1)  # expert-major order of the (r, l) blocks
     blocks_len = counts_RL.t().reshape(-1)
-    N = int(flat.sum())
     block_of_row = torch.repeat_interleave(torch.arange(R * L, device=flat.device), blocks_len, output_size=N)
     offset_in_block = torch.arange(N, device=flat.device) - (torch.cumsum(blocks_len, 0) - blocks_len)[block_of_row]
     return blocks_start[block_of_row] + offset_in_block
