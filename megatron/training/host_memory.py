@@ -1,12 +1,13 @@
 """Keep freed host memory for reuse when training on CPU.
 
 PyTorch's CPU tensors come from the C library's malloc. glibc serves large blocks with fresh
-mmap pages and returns a freed heap top to the operating system, so a training step that
-allocates and frees the same activations every step page-faults and zero-fills all of them
-again: about 69,000 page faults a step (and 12% of the step time) in the model of
-`benchmarks/vs_hf_mixtral.py`. Raising glibc's mmap and trim thresholds keeps freed blocks in
-the heap, where the next step reuses them, much as a GPU caching allocator does. Peak resident
-memory is unchanged; memory freed after the peak is kept by the process rather than returned.
+mmap pages and returns a freed heap top to the operating system (its thresholds for both adapt
+as the process runs), so a training step that allocates and frees the same activations every
+step page-faults and zero-fills many of them again: about 21,000 page faults a step in the model
+of `benchmarks/vs_hf_mixtral.py`. Raising glibc's mmap and trim thresholds keeps freed blocks in
+the heap, where the next step reuses them, much as a GPU caching allocator does: 100-1,000
+faults a step, and the step about 9% faster (`benchmarks/RESULTS.md`). Peak resident memory is
+unchanged; memory freed after the peak is kept by the process rather than returned.
 """
 
 from __future__ import annotations
