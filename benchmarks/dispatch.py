@@ -13,6 +13,7 @@ the ranks share the machine's cores, so scaling there measures overhead, not spe
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import socket
 import sys
@@ -97,6 +98,7 @@ def _spawned(rank: int, world: int, port: int, a, out_path: str) -> None:
     try:
         measure(rank, world, a, out_path)
     finally:
+        gc.collect()  # see parallel_state.destroy
         dist.destroy_process_group()
 
 
@@ -136,6 +138,7 @@ def main() -> None:
         measure(rank, world, a, out)
         if rank == 0:
             results = {world: torch.load(out)}
+        gc.collect()
         dist.destroy_process_group()
         if rank != 0:
             return

@@ -12,6 +12,7 @@ receives it as an argument.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass, field
@@ -156,7 +157,11 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
 
 
 def destroy(groups: ProcessGroups) -> None:
+    """Destroy the process groups, after collecting the reference cycles (a trainer's gradient
+    hooks) that still hold them: a gloo group freed only during interpreter shutdown can abort
+    the process ("terminate called without an active exception", seen in about 1 of 7 CPU runs)."""
     if groups.world_size > 1 and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

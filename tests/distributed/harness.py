@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> No
         torch.save({"ok": False, "error": traceback.format_exc()}, os.path.join(out_dir, f"rank{rank}.pt"))
         raise
     finally:
+        gc.collect()  # free what still holds the groups first (see parallel_state.destroy)
         dist.destroy_process_group()
 
 
