@@ -29,13 +29,17 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
-def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: bool = True) -> dict:
-    """Run `steps` optimizer steps with the real Trainer; return losses, grad norms, first-step
-    gradients and final parameters (names as in the model; expert tensors are this rank's slice)."""
+def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: bool = True,
+                model_state: dict | None = None) -> dict:
+    """Run `steps` optimizer steps with the real Trainer (starting from `model_state` if given);
+    return losses, grad norms, first-step gradients and final parameters (names as in the model;
+    expert tensors are this rank's slice)."""
     from megatron.training.data import build_datasets, build_loader, micro_batches
     from megatron.training.train import Trainer
 
     trainer = Trainer(cfg, groups)
+    if model_state is not None:
+        trainer.model.load_state_dict(model_state)
     if expert_bias is not None:
         for router in trainer.routers:
             router.expert_bias.copy_(torch.tensor(expert_bias))
