@@ -123,7 +123,7 @@ class GPTDataset(Dataset):
     """`num_samples` samples from documents [lo, hi) of an indexed dataset.
 
     Item i is the dict of `sample_from_tokens`: tokens, labels, loss_mask, position_ids, each
-    of length seq_length (loss_mask zero where the label is `eod_token`, when given).
+    of length seq_length (loss_mask zero where the input token is `eod_token`, when given).
     """
 
     def __init__(self, indexed: IndexedDataset, document_range: tuple[int, int], num_samples: int,

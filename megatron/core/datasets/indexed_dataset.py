@@ -62,6 +62,13 @@ def idx_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
+def sequence_starts(lengths_N: np.ndarray) -> np.ndarray:
+    """int64[N+1]: token offset of each sequence when they lie back to back, plus the total."""
+    starts = np.zeros(len(lengths_N) + 1, dtype=np.int64)
+    np.cumsum(lengths_N, dtype=np.int64, out=starts[1:])
+    return starts
+
+
 def encode_index(dtype: np.dtype, sequence_lengths: np.ndarray, document_index: np.ndarray) -> bytes:
     """The exact bytes of an `.idx` file for these sequence lengths and document index.
 
@@ -71,9 +78,7 @@ def encode_index(dtype: np.dtype, sequence_lengths: np.ndarray, document_index: 
     dtype = np.dtype(dtype)
     lengths_N = np.asarray(sequence_lengths, dtype=np.int32)
     doc_index = np.asarray(document_index, dtype=np.int64)
-    offsets_N = np.zeros(len(lengths_N), dtype=np.int64)
-    np.cumsum(lengths_N[:-1], dtype=np.int64, out=offsets_N[1:])
-    offsets_N *= dtype.itemsize
+    offsets_N = sequence_starts(lengths_N)[:-1] * dtype.itemsize
     header = MAGIC + struct.pack("<Q", VERSION) + struct.pack("<B", CODE_OF_DTYPE[dtype])
     header += struct.pack("<Q", len(lengths_N)) + struct.pack("<Q", len(doc_index))
     return header + lengths_N.astype("<i4").tobytes() + offsets_N.astype("<i8").tobytes() + doc_index.astype("<i8").tobytes()
@@ -183,8 +188,10 @@ class IndexedDataset:
         self.sequence_lengths = index[lengths_at:offsets_at].view("<i4")
         self.sequence_offsets = index[offsets_at:documents_at].view("<i8")
         self.document_index = index[documents_at:end].view("<i8")
+        self._sequence_starts = sequence_starts(self.sequence_lengths)
+        """Token offset of each sequence, plus the total: int64[N+1]."""
         self._validate_index(index_file)
-        total_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
+        total_tokens = int(self._sequence_starts[-1])
         expected = total_tokens * self.dtype.itemsize
         actual = os.path.getsize(data_file)
         if actual != expected:
@@ -194,22 +201,16 @@ class IndexedDataset:
                 f"({expected} bytes) but the file has {actual} bytes; preprocess the data again")
         self.tokens = (np.memmap(data_file, dtype=self.dtype, mode="r") if total_tokens
                        else np.empty(0, dtype=self.dtype))
-        cumulative = np.zeros(len(self.sequence_lengths) + 1, dtype=np.int64)
-        np.cumsum(self.sequence_lengths, dtype=np.int64, out=cumulative[1:])
-        self._sequence_starts = cumulative
-        """Token offset of each sequence, plus the total: int64[N+1]."""
-        self.document_starts = cumulative[self.document_index[:-1]]
+        self.document_starts = self._sequence_starts[self.document_index[:-1]]
         """int64[M]: token offset of each document in `tokens`."""
-        self.document_lengths = np.diff(cumulative[self.document_index])
+        self.document_lengths = np.diff(self._sequence_starts[self.document_index])
         """int64[M]: tokens in each document (the sum of its sequences)."""
 
     def _validate_index(self, index_file: str) -> None:
         lengths, offsets, documents = self.sequence_lengths, self.sequence_offsets, self.document_index
         if len(lengths) and lengths.min() < 0:
             raise IndexedDatasetError(f"{index_file} is corrupt: negative sequence length")
-        expected_offsets = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1], dtype=np.int64, out=expected_offsets[1:])
-        if not np.array_equal(offsets, expected_offsets * self.dtype.itemsize):
+        if not np.array_equal(offsets, self._sequence_starts[:-1] * self.dtype.itemsize):
             raise IndexedDatasetError(f"{index_file} is corrupt: sequence byte offsets do not follow the lengths")
         if len(documents) == 0 or documents[0] != 0 or documents[-1] != len(lengths) or np.any(np.diff(documents) < 0):
             raise IndexedDatasetError(
