@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron.core.atomic_file import atomic_file
 from megatron.core.config import Config
 from megatron.core.dist_checkpointing import (
     load_optimizer_state_by_name,
@@ -77,19 +78,9 @@ def _barrier(groups: ProcessGroups) -> None:
         dist.barrier()
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def rng_state() -> dict:
@@ -247,7 +238,8 @@ def publish(root: str, final: str, tmp: str, iteration: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _atomic_write_text(os.path.join(root, TRACKER), str(iteration))
+    with atomic_file(os.path.join(root, TRACKER), "w", fsync=True) as f:
+        f.write(str(iteration))
 
 
 def finalize(trainer: "Trainer", groups: Optional[ProcessGroups] = None) -> None:

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch.distributed as dist
 
+from megatron.core.atomic_file import atomic_file
 from megatron.core.parallel_state import ProcessGroups
 
 CACHE_VERSION = 1
@@ -70,18 +71,6 @@ def _is_main(groups: Optional[ProcessGroups]) -> bool:
     return not _distributed() or dist.get_rank() == 0
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _load(paths: dict[str, str]) -> Optional[dict[str, np.ndarray]]:
     """The cached arrays, memory-mapped, or None when any is missing or unreadable."""
     try:
@@ -95,7 +84,8 @@ def _write(stem: str, paths: dict[str, str], arrays: dict[str, np.ndarray], desc
     try:
         os.makedirs(os.path.dirname(stem), exist_ok=True)
         for n, path in paths.items():
-            _save_atomic(path, arrays[n])
+            with atomic_file(path) as f:
+                np.save(f, arrays[n])
         with open(stem + "-description.json", "w") as f:
             json.dump(description, f, indent=2, sort_keys=True)
     except OSError as e:
