@@ -28,7 +28,8 @@ class MoEConfig:
     score_function: str = "softmax"
     """`softmax` or `sigmoid` (`--moe-router-score-function`)."""
     pre_softmax: bool = False
-    """Softmax over all experts before top-k instead of over the chosen k (`--moe-router-pre-softmax`)."""
+    """Softmax over all experts before top-k instead of over the chosen k; no effect with sigmoid
+    scores (`--moe-router-pre-softmax`)."""
     topk_scaling_factor: Optional[float] = None
     """Multiplier applied to the routing probabilities (`--moe-router-topk-scaling-factor`)."""
     load_balancing_type: str = "aux_loss"
@@ -40,7 +41,8 @@ class MoEConfig:
     input_jitter_eps: Optional[float] = None
     """Multiplicative uniform noise on router inputs while training (`--moe-input-jitter-eps`)."""
     capacity_factor: Optional[float] = None
-    """Expert capacity factor; None means dropless (`--moe-expert-capacity-factor`)."""
+    """Expert capacity factor; None means dropless (`--moe-expert-capacity-factor`; a negative
+    value also means dropless, as in Megatron)."""
     token_drop_policy: str = "probs"
     """Which over-capacity tokens to drop: lowest `probs` or latest `position` (`--moe-token-drop-policy`)."""
     pad_to_capacity: bool = False
@@ -247,6 +249,15 @@ class TrainingConfig:
     """Where TensorBoard scalars go; None disables (`--tensorboard-dir`)."""
     recompute_granularity: Optional[str] = None
     """`full` or `selective` activation recompute (`--recompute-granularity`)."""
+    recompute_method: Optional[str] = None
+    """With `full`: `uniform` (runs of `recompute_num_layers` layers, each keeping only its input)
+    or `block` (only the first `recompute_num_layers` layers); None acts as `uniform`
+    (`--recompute-method`)."""
+    recompute_num_layers: Optional[int] = None
+    """Layers per recomputed run (`uniform`) or recomputed layers (`block`) (`--recompute-num-layers`)."""
+    moe_per_layer_logging: bool = False
+    """Log each MoE layer's aux losses and load: a console line per layer, and Megatron-LM's
+    `moe/<loss>_layer_<i>` TensorBoard scalars (`--moe-per-layer-logging`)."""
     moe_layer_recompute: bool = False
     """Recompute MoE layers in backward (`--moe-layer-recompute`)."""
     check_for_nan_in_loss_and_grad: bool = True
@@ -371,8 +382,7 @@ def validate(cfg: Config) -> None:
         )
     if t.bf16 and t.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive; pick one")
-    if t.recompute_granularity not in (None, "full", "selective"):
-        raise ValueError("--recompute-granularity must be full or selective")
+    _validate_recompute(t, m.num_layers)
     if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ValueError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr})")
     if o.lr_decay_style not in ("constant", "linear", "cosine", "inverse-square-root", "WSD"):
@@ -391,6 +401,22 @@ def validate(cfg: Config) -> None:
         raise ValueError("--save-interval must be positive")
     if cfg.checkpoint.async_save and cfg.checkpoint.ckpt_format != "torch_dist":
         raise ValueError("--async-save needs --ckpt-format torch_dist")
+
+
+def _validate_recompute(t: TrainingConfig, num_layers: int) -> None:
+    if t.recompute_granularity not in (None, "full", "selective"):
+        raise ValueError("--recompute-granularity must be full or selective")
+    if t.recompute_method not in (None, "uniform", "block"):
+        raise ValueError("--recompute-method must be uniform or block")
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ValueError("--recompute-method needs --recompute-granularity full")
+    if t.recompute_num_layers is not None:
+        if t.recompute_granularity != "full":
+            raise ValueError("--recompute-num-layers needs --recompute-granularity full "
+                             "(selective recompute takes no layer count)")
+        if not 1 <= t.recompute_num_layers <= num_layers:
+            raise ValueError(f"--recompute-num-layers must be between 1 and --num-layers ({num_layers}), "
+                             f"got {t.recompute_num_layers}")
 
 
 def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
@@ -415,8 +441,12 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
         )
     if moe.score_function not in ("softmax", "sigmoid"):
         raise ValueError("--moe-router-score-function must be softmax or sigmoid")
-    if moe.pre_softmax and moe.score_function != "softmax":
-        raise ValueError("--moe-router-pre-softmax needs --moe-router-score-function softmax")
+    if moe.router_topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
+        raise ValueError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax: a softmax over "
+                         "the one chosen expert is always 1, so the router would learn nothing from the LM loss")
+    if moe.enable_expert_bias and moe.score_function != "sigmoid":
+        raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
+                         "(aux-loss-free balancing is defined for sigmoid scores, as in Megatron-Core)")
     if moe.load_balancing_type not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"):
         raise ValueError("--moe-router-load-balancing-type must be aux_loss, seq_aux_loss, global_aux_loss or none")
     if moe.aux_loss_coeff < 0:
@@ -426,7 +456,7 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
     if moe.input_jitter_eps is not None and not 0 < moe.input_jitter_eps < 1:
         raise ValueError("--moe-input-jitter-eps must be in (0, 1)")
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
-        raise ValueError("--moe-expert-capacity-factor must be positive")
+        raise ValueError("--moe-expert-capacity-factor must be positive (or negative for dropless, as in Megatron)")
     if moe.token_drop_policy not in ("probs", "position"):
         raise ValueError("--moe-token-drop-policy must be probs or position")
     if moe.pad_to_capacity and moe.capacity_factor is None:

@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None)
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron-LM's shorthand for --recompute-granularity selective")
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
@@ -367,6 +369,11 @@ def _vocab_size(args: argparse.Namespace) -> int:
     return args.vocab_size
 
 
+def _capacity_factor(value: Optional[float]) -> Optional[float]:
+    """Megatron treats a negative `--moe-expert-capacity-factor` as no capacity (dropless)."""
+    return None if value is not None and value < 0 else value
+
+
 def _iters_from_samples(samples: Optional[int], global_batch_size: int) -> Optional[int]:
     return None if samples is None else int(math.ceil(samples / global_batch_size))
 
@@ -383,8 +390,6 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
             raise ArgumentError(f"{flag} > 1 is not supported yet; use 1")
     if args.transformer_impl == "transformer_engine":
         warnings.warn("--transformer-impl transformer_engine: no Transformer Engine backend yet; using local")
-    if args.recompute_method is not None and args.recompute_granularity != "full":
-        raise ArgumentError("--recompute-method needs --recompute-granularity full")
 
     num_layers = _require(args.num_layers, "--num-layers")
     hidden = _require(args.hidden_size, "--hidden-size")
@@ -415,6 +420,8 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
 
     moe = None
     if args.num_experts is not None:
+        if args.moe_router_pre_softmax and args.moe_router_score_function == "sigmoid":
+            warnings.warn("--moe-router-pre-softmax has no effect with --moe-router-score-function sigmoid")
         moe = MoEConfig(
             num_experts=args.num_experts,
             ffn_hidden_size=args.moe_ffn_hidden_size or ffn,
@@ -427,7 +434,7 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
             aux_loss_coeff=args.moe_aux_loss_coeff,
             z_loss_coeff=args.moe_z_loss_coeff,
             input_jitter_eps=args.moe_input_jitter_eps,
-            capacity_factor=args.moe_expert_capacity_factor,
+            capacity_factor=_capacity_factor(args.moe_expert_capacity_factor),
             token_drop_policy=args.moe_token_drop_policy,
             pad_to_capacity=args.moe_pad_expert_input_to_capacity,
             shared_expert_ffn_hidden_size=args.moe_shared_expert_intermediate_size,
@@ -529,8 +536,11 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         exit_duration_in_mins=args.exit_duration_in_mins,
         log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir,
-        recompute_granularity=args.recompute_granularity,
+        recompute_granularity="selective" if args.recompute_activations else args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
         moe_layer_recompute=args.moe_layer_recompute,
+        moe_per_layer_logging=args.moe_per_layer_logging,
         check_for_nan_in_loss_and_grad=args.check_for_nan_in_loss_and_grad,
     )
     checkpoint = CheckpointConfig(

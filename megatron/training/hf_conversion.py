@@ -467,6 +467,8 @@ def megatron_param_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...
         moe = mc.moe
         E, F_ = moe.num_experts, moe.ffn_hidden_size
         shapes[f"{p}.mlp.router.weight"] = (E, D)
+        if mc.add_bias_linear:
+            shapes[f"{p}.mlp.router.bias"] = (E,)
         if moe.enable_expert_bias:
             shapes[f"{p}.mlp.router.expert_bias"] = (E,)
         fc1 = 2 * F_ if mc.swiglu else F_

@@ -24,14 +24,21 @@ import torch
 
 @dataclass
 class MoELayerLoad:
-    """One MoE layer's load over a step, summed over micro-batches and data-parallel ranks."""
+    """One MoE layer over a step (or a sum of steps), over micro-batches and data-parallel ranks.
+
+    tokens_per_expert_E: assignments per expert (summed). dropped_fraction: of assignments.
+    layer: the model layer's 0-based index. losses: its aux losses as Megatron-LM logs them.
+    """
 
     tokens_per_expert_E: torch.Tensor
     dropped_fraction: float
+    layer: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
 
     def __add__(self, other: "MoELayerLoad") -> "MoELayerLoad":
+        losses = {k: v + other.losses.get(k, 0.0) for k, v in self.losses.items()}
         return MoELayerLoad(self.tokens_per_expert_E + other.tokens_per_expert_E,
-                            self.dropped_fraction + other.dropped_fraction)
+                            self.dropped_fraction + other.dropped_fraction, self.layer, losses)
 
     @property
     def max_over_mean(self) -> float:
@@ -153,6 +160,11 @@ class TrainingLogger:
             f" peak memory (GiB): {peak_memory_gib(self.device):.2f}",
         ]
         print_rank_0(self.is_main, " |".join(parts) + " |")
+        if self.per_layer:
+            for load in iv.loads or []:
+                fields = [f" {k}: {v / n:.6E}" for k, v in load.losses.items()]
+                fields += [f" max/mean load: {load.max_over_mean:.3f}", f" dropped: {100 * load.dropped_fraction / n:.2f}%"]
+                print_rank_0(self.is_main, f"   moe layer {load.layer:3d} |" + " |".join(fields) + " |")
         if self.writer is not None:
             self._write_scalars(iteration, consumed_samples, last, per_iter_s, tflops, tokens_per_s, n)
         self.interval = _Interval()
@@ -174,8 +186,11 @@ class TrainingLogger:
         w.add_scalar("mem-max-allocated-gib", peak_memory_gib(self.device), it)
         w.add_scalar("skipped-iterations", iv.skipped, it)
         w.add_scalar("nan-iterations", iv.nan, it)
-        for layer, load in enumerate(iv.loads or []):
-            tag = f"moe/layer_{layer:02d}"
+        for load in iv.loads or []:
+            if self.per_layer:  # Megatron-LM's per-layer tags
+                for k, v in load.losses.items():
+                    w.add_scalar(f"moe/{k}_layer_{load.layer}", v / n, it)
+            tag = f"moe/layer_{load.layer:02d}"
             w.add_scalar(f"{tag}/max_over_mean_load", load.max_over_mean, it)
             w.add_scalar(f"{tag}/dropped_fraction", load.dropped_fraction / n, it)
             for e, count in enumerate((load.tokens_per_expert_E / n).tolist()):

@@ -28,7 +28,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron.core.parallel_state import ProcessGroups
-from megatron.core.transformer.moe.router import RouterStats
+from megatron.core.transformer.layer import RecomputePlan
+from megatron.core.transformer.moe.router import LOAD_BALANCING_LOSS_NAMES, RouterStats
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets, build_loader, micro_batches
 from megatron.training.flops import training_flops_per_iteration
@@ -45,14 +46,11 @@ class TrainState:
     floating_point_operations_so_far: float = 0.0
 
 
-def recompute_plan(cfg: Config) -> list[Optional[str]]:
-    """Per layer: None, 'full', 'selective' or 'moe' activation recompute."""
-    t, L = cfg.training, cfg.model.num_layers
-    if t.recompute_granularity == "full":
-        return ["full"] * L
-    if t.recompute_granularity == "selective":
-        return ["selective"] * L
-    return ["moe" if t.moe_layer_recompute else None] * L
+def recompute_plan(cfg: Config) -> RecomputePlan:
+    """The activation recompute that `--recompute-*` and `--moe-layer-recompute` ask for."""
+    t = cfg.training
+    return RecomputePlan.build(cfg.model.num_layers, t.recompute_granularity, t.recompute_method,
+                               t.recompute_num_layers, t.moe_layer_recompute)
 
 
 def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
@@ -60,7 +58,7 @@ def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
     and each expert identically under any expert-parallel layout)."""
     torch.manual_seed(cfg.training.seed)
     with torch.device(groups.device):
-        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp, recompute_layers=recompute_plan(cfg))
+        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp, recompute=recompute_plan(cfg))
 
 
 class Trainer:
@@ -80,7 +78,9 @@ class Trainer:
         t = cfg.training
         self.scaler = (LossScaler(t.initial_loss_scale, t.min_loss_scale, t.loss_scale_window, t.hysteresis,
                                   t.loss_scale) if t.fp16 else None)
-        self.routers = [layer.mlp.router for layer in self.model.decoder.layers if layer.is_moe]
+        moe_layers = [layer for layer in self.model.decoder.layers if layer.is_moe]
+        self.routers = [layer.mlp.router for layer in moe_layers]
+        self.moe_layer_numbers = [layer.layer_number for layer in moe_layers]
         self.state = TrainState()
         self.pending_save = None  # an asynchronous checkpoint in flight
         self.checkpoint_group = None  # process group of asynchronous checkpoint writes
@@ -100,6 +100,8 @@ class Trainer:
         """Forward/backward over this rank's micro-batches, then one optimizer step."""
         self.model.train()
         self.dp.zero_grad()
+        for router in self.routers:
+            router.start_step()
         n = len(batches)
         lm_sum = torch.zeros((), device=self.groups.device)
         stats: Optional[list[RouterStats]] = None
@@ -113,7 +115,7 @@ class Trainer:
             step_stats = [r.stats for r in out.routings]
             stats = step_stats if stats is None else [a + b for a, b in zip(stats, step_stats)]
         self.dp.finish_grad_sync()
-        lm_loss, aux, loads = self._reduce_metrics(lm_sum / n, stats or [], n)
+        lm_loss, aux, loads, routed = self._reduce_metrics(lm_sum / n, stats or [], n)
 
         if self.scaler is not None:
             self.dp.scale_grads(1.0 / self.scaler.scale)
@@ -132,38 +134,48 @@ class Trainer:
                 self.dp.scale_grads(clip / (grad_norm + 1e-6))
             self.optimizer.step()
             self.scheduler.step()
-            for router, load in zip(self.routers, loads):
-                router.update_expert_bias(load.tokens_per_expert_E)
+            for router, routed_E in zip(self.routers, routed):
+                router.update_expert_bias(routed_E)
         return StepResult(lm_loss, aux, loads, grad_norm, self.scheduler.lr,
                           self.scaler.scale if self.scaler else None, skipped, nan)
 
     def _reduce_metrics(self, lm_loss: torch.Tensor, stats: list[RouterStats], n: int):
-        """Average losses over data-parallel ranks and sum expert loads, in one all-reduce."""
+        """Average losses over data-parallel ranks and sum expert counts, in one all-reduce.
+
+        Returns the LM loss; the aux losses as Megatron-LM logs them (without coefficients,
+        averaged over micro-batches, data-parallel ranks and MoE layers; the global balancing
+        loss is each rank's share, so it is summed over ranks); each MoE layer's load and
+        losses; and each layer's routed counts for the expert-bias update.
+        """
         dp = self.groups.dp_size
         parts = [lm_loss.reshape(1)]
         for s in stats:
-            parts += [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1),
-                      s.dropped.reshape(1), s.assignments.reshape(1), s.tokens_per_expert_E]
+            parts += [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1), s.dropped.reshape(1),
+                      s.assignments.reshape(1), s.tokens_per_expert_E, s.routed_per_expert_E]
         packed = torch.cat([p.float() for p in parts])
         if dp > 1:
             dist.all_reduce(packed, group=self.groups.dp)
         lm = float(packed[0]) / dp
-        aux, loads, offset = {}, [], 1
-        lb = z = 0.0
-        for s in stats:
+        loads, routed, offset = [], [], 1
+        for layer, s in zip(self.moe_layer_numbers, stats):
             E = s.tokens_per_expert_E.numel()
-            chunk = packed[offset:offset + 4 + E]
-            offset += 4 + E
-            lb += float(chunk[0]) / dp
-            z += float(chunk[1]) / dp
-            loads.append(MoELayerLoad(chunk[4:].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0)))
-        if stats:
-            moe = self.cfg.model.moe
-            if moe.load_balancing_type != "none" and moe.aux_loss_coeff > 0:
-                aux["load_balancing_loss"] = lb / len(stats)
-            if moe.z_loss_coeff:
-                aux["z_loss"] = z / len(stats)
-        return lm, aux, loads
+            chunk = packed[offset:offset + 4 + 2 * E]
+            offset += 4 + 2 * E
+            losses = self._logged_losses(float(chunk[0]), float(chunk[1]), dp)
+            loads.append(MoELayerLoad(chunk[4:4 + E].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0), layer, losses))
+            routed.append(chunk[4 + E:])
+        aux = {k: sum(load.losses[k] for load in loads) / len(loads) for k in (loads[0].losses if loads else {})}
+        return lm, aux, loads, routed
+
+    def _logged_losses(self, lb_sum: float, z_sum: float, dp: int) -> dict[str, float]:
+        """One layer's balancing and z-loss under Megatron-LM's names, from their sums over ranks."""
+        moe, out = self.cfg.model.moe, {}
+        if moe.load_balancing_type in LOAD_BALANCING_LOSS_NAMES:
+            share = moe.load_balancing_type == "global_aux_loss"  # each rank holds its share
+            out[LOAD_BALANCING_LOSS_NAMES[moe.load_balancing_type]] = lb_sum if share else lb_sum / dp
+        if moe.z_loss_coeff is not None:
+            out["z_loss"] = z_sum / dp
+        return out
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -241,7 +253,7 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     flops_per_iter = training_flops_per_iteration(cfg.model, t.global_batch_size)
     logger = TrainingLogger(groups.is_main, t.train_iters, t.log_interval, t.global_batch_size,
                             cfg.model.seq_length, flops_per_iter, groups.world_size, groups.device,
-                            t.tensorboard_dir)
+                            t.tensorboard_dir, t.moe_per_layer_logging)
     print_rank_0(groups.is_main, f"> training from iteration {state.iteration} to {t.train_iters} "
                  f"({cfg.num_microbatches} micro-batches of {t.micro_batch_size} per rank per step)")
     save = cfg.checkpoint.save is not None

@@ -27,7 +27,8 @@ SCENARIOS = [
     ("ep2-allgather-capacity-distopt", 2, 2,
      "--moe-token-dispatcher-type allgather --moe-expert-capacity-factor 1.0 --use-distributed-optimizer", False),
     ("ep2-alltoall-zero-token-rank", 2, 2,
-     "--moe-token-dispatcher-type alltoall --moe-router-enable-expert-bias --moe-router-bias-update-rate 0", True),
+     "--moe-token-dispatcher-type alltoall --moe-router-score-function sigmoid --moe-router-enable-expert-bias "
+     "--moe-router-bias-update-rate 0", True),
     ("ep4-alltoall-capacity-pad-distopt", 4, 4,
      "--moe-token-dispatcher-type alltoall --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
      "--use-distributed-optimizer", False),

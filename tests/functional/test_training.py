@@ -34,7 +34,8 @@ def test_loss_falls_on_mock_data():
     _, results = run_steps(cfg, 30)
     first, last = results[0].lm_loss, sum(r.lm_loss for r in results[-5:]) / 5
     assert first > 3.0 and last < first - 1.0, (first, last)
-    assert all(abs(r.aux_losses["load_balancing_loss"] - 1e-2) < 5e-3 for r in results)
+    # Logged as Megatron-LM logs it: without the coefficient, so about 1 near balance.
+    assert all(abs(r.aux_losses["load_balancing_loss"] - 1.0) < 0.5 for r in results)
 
 
 def test_runs_are_bitwise_reproducible():
@@ -47,7 +48,7 @@ def test_runs_are_bitwise_reproducible():
 
 def test_gradient_accumulation_matches_one_big_micro_batch():
     """4 micro-batches of 1 equal 1 micro-batch of 4 (dense model: per-token losses, no routing effects)."""
-    dense = "--num-experts 1 --moe-router-topk 1 --moe-aux-loss-coeff 0 --global-batch-size 4"
+    dense = "--num-experts 1 --moe-router-topk 1 --moe-router-pre-softmax --moe-aux-loss-coeff 0 --global-batch-size 4"
     _, acc = run_steps(make_config(dense + " --micro-batch-size 1"), 2)
     _, big = run_steps(make_config(dense + " --micro-batch-size 4"), 2)
     for a, b in zip(acc, big):
@@ -94,13 +95,17 @@ def test_tensorboard_scalars_include_per_layer_expert_load(tmp_path, capsys):
 
     tb = tmp_path / "tb"
     pretrain(make_config(f"--train-iters 2 --tensorboard-dir {tb} --moe-expert-capacity-factor 1.0 "
-                         f"--eval-iters 1 --eval-interval 2"))
+                         f"--eval-iters 1 --eval-interval 2 --moe-per-layer-logging --moe-z-loss-coeff 1e-3"))
+    out = capsys.readouterr().out
+    per_layer = [line for line in out.splitlines() if line.startswith("   moe layer")]
+    assert len(per_layer) == 2 * 2 and "load_balancing_loss" in per_layer[0] and "z_loss" in per_layer[0]
     events = EventAccumulator(str(tb))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("lm loss", "learning-rate", "grad-norm", "load_balancing_loss", "lm loss validation",
                 "moe/layer_00/max_over_mean_load", "moe/layer_01/dropped_fraction",
-                "moe/layer_00/tokens_per_expert/expert_003"):
+                "moe/layer_00/tokens_per_expert/expert_003", "z_loss",
+                "moe/load_balancing_loss_layer_0", "moe/z_loss_layer_1"):
         assert tag in tags, tag
     counts = [events.Scalars(f"moe/layer_00/tokens_per_expert/expert_{e:03d}")[-1].value for e in range(4)]
     assert sum(counts) == pytest.approx(4 * 16 * 2)  # tokens per micro-batch x micro-batches x top-k

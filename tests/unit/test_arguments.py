@@ -115,3 +115,25 @@ def test_cli_exits_2_without_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "--moe-router-topk" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, segments, per_layer", [
+    ("--recompute-activations", (), ("selective", "selective")),
+    ("--recompute-granularity full --recompute-method uniform --recompute-num-layers 2", ((0, 2),), (None, None)),
+    ("--recompute-granularity full --recompute-method block --recompute-num-layers 1", ((0, 1),), (None, None)),
+])
+def test_recompute_flags_reach_the_plan(flags, segments, per_layer):
+    from megatron.training.train import recompute_plan
+
+    plan = recompute_plan(make_config(flags))
+    assert plan.full_segments == segments and plan.per_layer == per_layer
+
+
+@pytest.mark.parametrize("flags, named", [
+    ("--recompute-granularity selective --recompute-num-layers 1", "--recompute-num-layers"),
+    ("--recompute-granularity full --recompute-num-layers 3", "--recompute-num-layers"),
+    ("--recompute-method block", "--recompute-method"),
+])
+def test_bad_recompute_flags_name_the_flag(flags, named):
+    with pytest.raises(ValueError, match=named):
+        make_config(flags)

@@ -179,6 +179,7 @@ def _megatron_config(*flags: str):
 @pytest.mark.parametrize("flags", [
     (),
     ("--qk-layernorm", "--moe-layer-freq", "[1,0,1]", "--moe-router-enable-expert-bias",
+     "--moe-router-score-function", "sigmoid",
      "--moe-shared-expert-intermediate-size", "32"),
     ("--normalization", "LayerNorm", "--position-embedding-type", "learned_absolute", "--add-qkv-bias",
      "--num-experts", "4"),
@@ -202,7 +203,8 @@ def test_param_shapes_with_biases_and_gelu():
 @pytest.mark.parametrize("flags, named", [
     (("--moe-shared-expert-intermediate-size", "32"), "--moe-shared-expert-intermediate-size"),
     (("--moe-router-pre-softmax",), "--moe-router-pre-softmax"),
-    (("--moe-router-enable-expert-bias",), "--moe-router-enable-expert-bias"),
+    (("--moe-router-enable-expert-bias", "--moe-router-score-function", "sigmoid"),
+     "--moe-router-enable-expert-bias"),
     (("--moe-layer-freq", "[1,0,1]"), "--moe-layer-freq"),
     (("--normalization", "LayerNorm"), "--normalization"),
 ])

@@ -31,7 +31,7 @@ def test_moe_layer_equals_per_token_reference():
 
 def test_one_expert_top1_equals_dense_mlp():
     torch.manual_seed(0)
-    cfg = make_config("--num-experts 1 --moe-router-topk 1 --moe-ffn-hidden-size 64")
+    cfg = make_config("--num-experts 1 --moe-router-topk 1 --moe-router-pre-softmax --moe-ffn-hidden-size 64")
     moe = MoELayer(cfg.model)
     mlp = MLP(cfg.model, 64)
     with torch.no_grad():

@@ -16,7 +16,7 @@ from torch import nn
 from megatron.core.config import ModelConfig
 from megatron.core.fusions.linear_cross_entropy import linear_cross_entropy
 from megatron.core.transformer import init
-from megatron.core.transformer.layer import TransformerBlock
+from megatron.core.transformer.layer import RecomputePlan, TransformerBlock
 from megatron.core.transformer.moe.router import RouterOutput
 from megatron.core.transformer.rope import RotaryEmbedding
 
@@ -60,14 +60,14 @@ class GPTOutput:
 class GPTModel(nn.Module):
     """A GPT decoder, dense or MoE, with Megatron-Core parameter names."""
 
-    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute_layers: Optional[list] = None):
+    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute: Optional[RecomputePlan] = None):
         super().__init__()
         self.config = config
         self.embedding = LanguageModelEmbedding(config)
         self.rotary_pos_emb = None
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent, config.rotary_base)
-        self.decoder = TransformerBlock(config, ep_group, dp_group, recompute_layers)
+        self.decoder = TransformerBlock(config, ep_group, dp_group, recompute)
         self.output_layer = None
         if config.untie_embeddings_and_output_weights:
             self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

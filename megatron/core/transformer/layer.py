@@ -2,10 +2,16 @@
 
     x = x + dropout(self_attention(input_layernorm(x)))
     x = x + dropout(mlp(pre_mlp_layernorm(x)))          # mlp: dense MLP or MoELayer
+
+Activation recompute follows a `RecomputePlan`: whole runs of layers (Megatron's
+`--recompute-granularity full` with `--recompute-method uniform|block`), or per layer only the
+attention core (`selective`) or only the MoE FFN (`--moe-layer-recompute`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,19 +23,61 @@ from megatron.core.config import ModelConfig
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.moe.router import RouterOutput
+from megatron.core.transformer.moe.router import Router, RouterOutput
 from megatron.core.transformer.norm import build_norm
 
 
-def _recompute(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False)
+@dataclass(frozen=True)
+class RecomputePlan:
+    """What a layer stack recomputes in backward instead of keeping.
+
+    full_segments: [start, end) layer ranges of which only the input is kept; each range is
+        re-run whole in backward. Layers outside them follow `per_layer`.
+    per_layer: one entry a layer: None, "selective" (the attention core) or "moe" (the MoE FFN).
+    """
+
+    full_segments: tuple[tuple[int, int], ...] = ()
+    per_layer: tuple[Optional[str], ...] = ()
+
+    @staticmethod
+    def build(num_layers: int, granularity: Optional[str] = None, method: Optional[str] = None,
+              num_recompute_layers: Optional[int] = None, moe_layers: bool = False) -> "RecomputePlan":
+        """Megatron's flags as a plan. `full` + `uniform` N: every run of N layers is one segment;
+        `full` + `block` N: the first N layers, each its own segment; `full` alone: every layer."""
+        if granularity == "full":
+            n = num_recompute_layers or 1
+            if method == "block":
+                return RecomputePlan(tuple((i, i + 1) for i in range(min(n, num_layers))), (None,) * num_layers)
+            return RecomputePlan(tuple((i, min(i + n, num_layers)) for i in range(0, num_layers, n)),
+                                 (None,) * num_layers)
+        mode = "selective" if granularity == "selective" else "moe" if moe_layers else None
+        return RecomputePlan((), (mode,) * num_layers)
+
+
+@contextlib.contextmanager
+def _routers_recomputing(modules: list[nn.Module]):
+    """Mark the routers inside `modules` as re-running a forward (they must not count twice)."""
+    routers = [m for module in modules for m in module.modules() if isinstance(m, Router)]
+    for router in routers:
+        router.recomputing = True
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.recomputing = False
+
+
+def _recompute(fn, modules: list[nn.Module], *args):
+    """fn(*args), keeping only its inputs; re-run in backward with the routers of `modules` told so."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), _routers_recomputing(modules)))
 
 
 class TransformerLayer(nn.Module):
     """x_BSD -> (x_BSD, RouterOutput or None).
 
-    recompute: None, "full" (recompute the whole layer in backward), "selective" (only the
-    attention core) or "moe" (only the MoE FFN).
+    recompute: None, "selective" (recompute only the attention core in backward) or "moe"
+    (only the MoE FFN). Whole-layer recompute is the block's (`RecomputePlan.full_segments`).
     """
 
     def __init__(self, config: ModelConfig, layer_number: int, ep_group=None, dp_group=None,
@@ -55,38 +103,58 @@ class TransformerLayer(nn.Module):
         out, routing = out if self.is_moe else (out, None)
         return self._dropout(out), routing
 
-    def _forward(self, x_BSD, rope):
+    def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, Optional[RouterOutput]]:
         if self.recompute == "selective":
-            x_BSD = x_BSD + _recompute(self._attention, x_BSD, rope)
+            x_BSD = x_BSD + _recompute(self._attention, [], x_BSD, rope)
         else:
             x_BSD = x_BSD + self._attention(x_BSD, rope)
         if self.recompute == "moe" and self.is_moe:
-            out, routing = _recompute(self._ffn, x_BSD)
+            out, routing = _recompute(self._ffn, [self.mlp], x_BSD)
         else:
             out, routing = self._ffn(x_BSD)
         return x_BSD + out, routing
-
-    def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, Optional[RouterOutput]]:
-        if self.recompute == "full" and self.training:
-            return _recompute(self._forward, x_BSD, rope)
-        return self._forward(x_BSD, rope)
 
 
 class TransformerBlock(nn.Module):
     """The layer stack and the final norm: x_BSD -> (x_BSD, [RouterOutput per MoE layer])."""
 
-    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute_layers: Optional[list] = None):
+    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute: Optional[RecomputePlan] = None):
         super().__init__()
-        recompute_layers = recompute_layers or [None] * config.num_layers
+        L = config.num_layers
+        recompute = recompute or RecomputePlan.build(L)
         self.layers = nn.ModuleList(
-            TransformerLayer(config, i, ep_group, dp_group, recompute_layers[i]) for i in range(config.num_layers)
+            TransformerLayer(config, i, ep_group, dp_group, recompute.per_layer[i]) for i in range(L)
         )
         self.final_layernorm = build_norm(config)
+        self.segments = _segments(L, recompute.full_segments)
 
-    def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, list[RouterOutput]]:
+    def _run(self, start: int, end: int, x_BSD: torch.Tensor, rope) -> tuple[torch.Tensor, list[RouterOutput]]:
         routings = []
-        for layer in self.layers:
+        for layer in self.layers[start:end]:
             x_BSD, routing = layer(x_BSD, rope)
             if routing is not None:
                 routings.append(routing)
+        return x_BSD, routings
+
+    def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, list[RouterOutput]]:
+        routings = []
+        for start, end, full in self.segments:
+            if full and self.training:
+                x_BSD, more = _recompute(self._run, list(self.layers[start:end]), start, end, x_BSD, rope)
+            else:
+                x_BSD, more = self._run(start, end, x_BSD, rope)
+            routings += more
         return self.final_layernorm(x_BSD), routings
+
+
+def _segments(num_layers: int, full_segments: tuple[tuple[int, int], ...]) -> list[tuple[int, int, bool]]:
+    """[start, end, recomputed] runs covering layers 0..L-1 in order."""
+    out, at = [], 0
+    for start, end in sorted(full_segments):
+        if at < start:
+            out.append((at, start, False))
+        out.append((start, end, True))
+        at = end
+    if at < num_layers:
+        out.append((at, num_layers, False))
+    return out

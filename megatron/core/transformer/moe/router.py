@@ -3,9 +3,22 @@
 A router is a strategy behind one interface, `Router.forward(hidden_TD, seq_length) ->
 RouterOutput`, so that other routing schemes (sinkhorn, expert choice, group-limited, ...) can
 be added as subclasses without touching the dispatcher or the experts. `TopKRouter` implements
-Megatron-Core's top-k routing (DESIGN.md 5.1): softmax or sigmoid scores, optional pre-softmax,
-scaling factor, aux/seq/global load-balancing loss, z-loss, input jitter, expert capacity with
-token dropping, and the aux-loss-free expert bias.
+Megatron-Core's top-k routing, number for number:
+
+    logits_TE = hidden_TD @ W_router^T (+ bias with linear biases)   (fp32)
+    selection:  softmax   top-k of logits_TE, probs = softmax over the k chosen logits
+                softmax + pre-softmax   top-k of softmax(logits_TE), probs = those scores
+                sigmoid   top-k of sigmoid(logits_TE) + expert_bias, probs = the chosen
+                          (unbiased) sigmoids, renormalised over the k when k > 1
+                probs *= topk_scaling_factor (when set and non-zero)
+    capacity:   at most ceil(T*K/E * c) assignments an expert, the rest dropped
+    aux losses: from a plain top-k of the scores WITHOUT the expert bias (softmax, or sigmoid
+                normalised over all E), so the bias changes routing but not the loss
+    z-loss:     coeff * mean_t logsumexp_e(logits_te)^2
+
+Aux and z-losses exist only while training with gradients on. They are returned in
+`RouterOutput.aux_loss` (coefficient-scaled, to be added to what is backpropagated) and in
+`RouterStats` without the coefficient, which is what Megatron-LM logs.
 
 The router computes in fp32 regardless of autocast: routing decisions are discrete and
 sensitive to rounding, and its matmul is tiny.
@@ -37,7 +50,7 @@ class RouterOutput:
     capacity: per-expert capacity (tokens) when a capacity factor is set, else None.
     aux_loss: scalar, the sum of every coefficient-scaled auxiliary loss; add it to the
         loss that is backpropagated, never to the reported LM loss.
-    stats: detached numbers for logging (see `RouterStats`).
+    stats: detached numbers for logging and the expert-bias update (see `RouterStats`).
     """
 
     probs_TK: torch.Tensor
@@ -50,14 +63,19 @@ class RouterOutput:
 
 @dataclass
 class RouterStats:
-    """Detached per-layer numbers for logging; summed over micro-batches by the loop.
+    """Detached per-layer numbers; summed over micro-batches by the loop.
 
-    tokens_per_expert_E: assignments chosen by top-k per expert, before dropping (float).
+    tokens_per_expert_E: assignments chosen per expert, before dropping (float).
+    routed_per_expert_E: assignments per expert after capacity dropping (with padding to
+        capacity: the padded slots), the counts the expert-bias update balances, as in
+        Megatron-Core.
     dropped: assignments dropped for capacity. assignments: T*K.
-    load_balancing_loss, z_loss: coefficient-scaled loss values (0 when disabled).
+    load_balancing_loss, z_loss: the loss values WITHOUT their coefficients (0 when off),
+        the numbers Megatron-LM logs.
     """
 
     tokens_per_expert_E: torch.Tensor
+    routed_per_expert_E: torch.Tensor
     dropped: torch.Tensor
     assignments: torch.Tensor
     load_balancing_loss: torch.Tensor
@@ -67,7 +85,16 @@ class RouterStats:
         return RouterStats(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.tokens_per_expert_E, self.dropped, self.assignments, self.load_balancing_loss, self.z_loss)
+        return (self.tokens_per_expert_E, self.routed_per_expert_E, self.dropped, self.assignments,
+                self.load_balancing_loss, self.z_loss)
+
+
+LOAD_BALANCING_LOSS_NAMES = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
+"""The name Megatron-LM logs each balancing loss under."""
 
 
 def expert_capacity(num_tokens: int, num_experts: int, topk: int, capacity_factor: float) -> int:
@@ -98,21 +125,34 @@ def capacity_keep_mask(probs_TK: torch.Tensor, expert_idx_TK: torch.Tensor, num_
     return keep_flat.view(T, K)
 
 
+def aux_loss_scores(logits_TE: torch.Tensor, score_function: str) -> torch.Tensor:
+    """scores_TE the balancing losses use: softmax over all E, or sigmoid normalised over all E."""
+    if score_function == "softmax":
+        return torch.softmax(logits_TE, dim=-1)
+    sigmoid_TE = torch.sigmoid(logits_TE)
+    return sigmoid_TE / (sigmoid_TE.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 class Router(nn.Module):
     """Base of all routing strategies: hidden_TD -> RouterOutput."""
 
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:  # pragma: no cover
         raise NotImplementedError
 
-    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
-        """Called once per optimizer step with the step's global per-expert counts."""
+    def start_step(self) -> None:
+        """Called before the first micro-batch of every optimizer step."""
+
+    def update_expert_bias(self, routed_per_expert_E: torch.Tensor) -> None:
+        """Called once per optimizer step with the step's global `routed_per_expert_E`."""
 
 
 class TopKRouter(Router):
-    """Top-k routing with softmax or sigmoid scores (Megatron-Core semantics).
+    """Top-k routing with softmax or sigmoid scores (Megatron-Core semantics, module docstring).
 
     `dp_group` is used only by `global_aux_loss`, to sum expert counts over the data-parallel
-    ranks; it is None in a single process.
+    ranks; it is None in a single process. `global_aux_loss` balances the running average of
+    the step's global counts over its micro-batches so far, kept in two buffers that
+    `start_step` clears (and that a recomputed forward does not advance: see `recomputing`).
     """
 
     def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None):
@@ -121,36 +161,52 @@ class TopKRouter(Router):
         self.moe = moe
         self.dp_group = dp_group
         self.weight = nn.Parameter(init.normal_(torch.empty(moe.num_experts, config.hidden_size), init.init_std(config)))
+        # Megatron-Core gives the router a bias whenever linear layers have biases, drawn like the weight.
+        self.bias = (nn.Parameter(init.normal_(torch.empty(moe.num_experts), init.init_std(config)))
+                     if config.add_bias_linear else None)
         if moe.enable_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         else:
             self.expert_bias = None
+        self.register_buffer("step_counts_E", torch.zeros(moe.num_experts), persistent=False)
+        self.register_buffer("step_micro_batches", torch.zeros(()), persistent=False)
+        self.recomputing = False
+        """True while activation recompute re-runs this router's forward (set by the layer)."""
 
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
         moe = self.moe
         x_TD = self.jitter(hidden_TD)
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float())
-        probs_TK, expert_idx_TK, scores_TE = self.topk(logits_TE)
-        counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts)
-
-        lb_loss = self.load_balancing_loss(scores_TE, expert_idx_TK, counts_E, seq_length)
-        zl = load_balancing.z_loss(logits_TE, moe.z_loss_coeff) if moe.z_loss_coeff else logits_TE.new_zeros(())
+            logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        probs_TK, expert_idx_TK = self.topk(logits_TE)
+        T, K = expert_idx_TK.shape
 
         keep_TK, capacity = None, None
-        T, K = expert_idx_TK.shape
+        routed_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts).float()
+        tokens_per_expert_E = routed_E
         if moe.capacity_factor is not None:
             capacity = expert_capacity(T, moe.num_experts, K, moe.capacity_factor)
             keep_TK = capacity_keep_mask(probs_TK, expert_idx_TK, moe.num_experts, capacity, moe.token_drop_policy)
             probs_TK = probs_TK * keep_TK
+            if moe.pad_to_capacity:
+                routed_E = torch.full_like(routed_E, float(min(capacity, T)))
+            else:
+                routed_E = torch.bincount(expert_idx_TK[keep_TK], minlength=moe.num_experts).float()
+
+        with_losses = self.training and torch.is_grad_enabled()
+        lb_raw = self.load_balancing_loss(logits_TE, seq_length) if with_losses else logits_TE.new_zeros(())
+        z_raw = (load_balancing.z_loss(logits_TE) if with_losses and moe.z_loss_coeff is not None
+                 else logits_TE.new_zeros(()))
+        aux_loss = lb_raw * moe.aux_loss_coeff + z_raw * (moe.z_loss_coeff or 0.0)
         stats = RouterStats(
-            tokens_per_expert_E=counts_E.detach().float(),
+            tokens_per_expert_E=tokens_per_expert_E.detach(),
+            routed_per_expert_E=routed_E.detach(),
             dropped=(T * K - keep_TK.sum()).float() if keep_TK is not None else logits_TE.new_zeros(()),
             assignments=logits_TE.new_tensor(float(T * K)),
-            load_balancing_loss=lb_loss.detach(),
-            z_loss=zl.detach(),
+            load_balancing_loss=lb_raw.detach(),
+            z_loss=z_raw.detach(),
         )
-        return RouterOutput(probs_TK, expert_idx_TK, keep_TK, capacity, lb_loss + zl, stats)
+        return RouterOutput(probs_TK, expert_idx_TK, keep_TK, capacity, aux_loss, stats)
 
     def jitter(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Multiply by uniform noise in [1-eps, 1+eps] while training (Switch Transformer)."""
@@ -160,51 +216,67 @@ class TopKRouter(Router):
         noise = torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         return x_TD * noise
 
-    def topk(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """logits_TE -> probs_TK, expert_idx_TK, and the full scores_TE used by the aux loss."""
+    def topk(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits_TE -> probs_TK (combine weights) and expert_idx_TK (the chosen experts)."""
         moe, K = self.moe, self.moe.router_topk
         if moe.score_function == "softmax":
-            scores_TE = torch.softmax(logits_TE, dim=-1)
-            select_TE = scores_TE if moe.pre_softmax else logits_TE
+            if moe.pre_softmax:
+                probs_TK, expert_idx_TK = torch.topk(torch.softmax(logits_TE, dim=-1), K, dim=-1)
+            else:
+                chosen_TK, expert_idx_TK = torch.topk(logits_TE, K, dim=-1)
+                probs_TK = torch.softmax(chosen_TK, dim=-1)
         else:
             sigmoid_TE = torch.sigmoid(logits_TE)
-            scores_TE = sigmoid_TE / (sigmoid_TE.sum(dim=-1, keepdim=True) + 1e-20)
-            select_TE = sigmoid_TE
-        biased_TE = select_TE if self.expert_bias is None else select_TE + self.expert_bias
-        expert_idx_TK = torch.topk(biased_TE, K, dim=-1).indices
-        chosen_TK = torch.gather(select_TE, 1, expert_idx_TK)
-        if moe.score_function == "softmax":
-            probs_TK = chosen_TK if moe.pre_softmax else torch.softmax(chosen_TK, dim=-1)
-        else:
+            biased_TE = sigmoid_TE if self.expert_bias is None else sigmoid_TE + self.expert_bias
+            expert_idx_TK = torch.topk(biased_TE, K, dim=-1).indices
+            chosen_TK = torch.gather(sigmoid_TE, 1, expert_idx_TK)
             probs_TK = chosen_TK / (chosen_TK.sum(dim=-1, keepdim=True) + 1e-20) if K > 1 else chosen_TK
-        if moe.topk_scaling_factor is not None:
+        if moe.topk_scaling_factor:
             probs_TK = probs_TK * moe.topk_scaling_factor
-        return probs_TK, expert_idx_TK, scores_TE
+        return probs_TK, expert_idx_TK
 
-    def load_balancing_loss(self, scores_TE: torch.Tensor, expert_idx_TK: torch.Tensor,
-                            counts_E: torch.Tensor, seq_length: int) -> torch.Tensor:
+    def load_balancing_loss(self, logits_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """The configured balancing loss WITHOUT its coefficient (0 when off)."""
         moe = self.moe
-        kind, coeff = moe.load_balancing_type, moe.aux_loss_coeff
-        if kind == "none" or coeff == 0 or not self.training:
-            return scores_TE.new_zeros(())
+        kind = moe.load_balancing_type
+        if kind == "none" or moe.aux_loss_coeff == 0:
+            return logits_TE.new_zeros(())
+        scores_TE = aux_loss_scores(logits_TE, moe.score_function)
+        expert_idx_TK = torch.topk(scores_TE, moe.router_topk, dim=-1).indices  # no expert bias
         if kind == "seq_aux_loss":
             T, E = scores_TE.shape
             B = T // seq_length
             return load_balancing.sequence_aux_loss(
-                scores_TE.view(B, seq_length, E), expert_idx_TK.view(B, seq_length, -1), coeff)
+                scores_TE.view(B, seq_length, E), expert_idx_TK.view(B, seq_length, -1))
+        counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts).float()
         num_tokens = scores_TE.shape[0]
-        if kind == "global_aux_loss" and self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
+        if kind == "global_aux_loss":
+            counts_E, num_tokens = self.step_average_global_counts(counts_E, num_tokens)
+        return load_balancing.switch_aux_loss(scores_TE, counts_E, moe.router_topk, num_tokens)
+
+    def step_average_global_counts(self, counts_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, int]:
+        """Counts summed over data-parallel ranks, averaged over this step's micro-batches so far
+        (Megatron-Core's global aux loss), and the global token count of one micro-batch."""
+        if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             counts_E = counts_E.clone()
             dist.all_reduce(counts_E, group=self.dp_group)
             num_tokens *= dist.get_world_size(self.dp_group)
-        return load_balancing.switch_aux_loss(scores_TE, counts_E, moe.router_topk, coeff, num_tokens)
+        if self.recomputing:  # the first forward already counted this micro-batch
+            return self.step_counts_E / self.step_micro_batches, num_tokens
+        self.step_counts_E += counts_E
+        self.step_micro_batches += 1
+        return self.step_counts_E / self.step_micro_batches, num_tokens
+
+    def start_step(self) -> None:
+        self.step_counts_E.zero_()
+        self.step_micro_batches.zero_()
 
     @torch.no_grad()
-    def update_expert_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+    def update_expert_bias(self, routed_per_expert_E: torch.Tensor) -> None:
         """Aux-loss-free balancing: bias_e += rate * sign(mean(c) - c_e)."""
         if self.expert_bias is None:
             return
-        c = tokens_per_expert_E.float().to(self.expert_bias.device)
+        c = routed_per_expert_E.float().to(self.expert_bias.device)
         self.expert_bias += self.moe.bias_update_rate * torch.sign(c.mean() - c)
 
 
