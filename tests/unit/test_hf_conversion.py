@@ -162,6 +162,15 @@ def test_flags_rebuild_the_same_config():
     assert m.moe.layer_pattern == (1, 0) and m.qk_layernorm and m.moe.pre_softmax
 
 
+def test_flags_keep_the_exact_vocabulary_with_null_tokenizer():
+    """NullTokenizer adds an end-of-document id: the flags ask for V-1 ids so the model has V rows."""
+    flags = hfc.hf_config_to_flags(hf_model("mixtral").config)
+    assert flags[flags.index("--vocab-size") + 1] == str(SHAPE["vocab_size"] - 1)
+    for extra in ([], ["--tokenizer-type", "NullTokenizer"]):
+        cfg = config_from_args(parse_args([*flags, *hfc.RUN_FLAGS, *extra]), world_size=1)
+        assert cfg.model.vocab_size == SHAPE["vocab_size"]
+
+
 def test_model_config_to_hf_config_round_trip():
     for name in sorted(CONFIGS):
         hf = hf_model(name)
