@@ -44,7 +44,7 @@ from megatron.training.checkpointing import (
     read_tracker,
 )
 from megatron.training.megatron_layout import Layout
-from megatron.training.safe_load import load_file, read_dcp_metadata, safe_reader
+from megatron.training.safe_load import load_file, read_dcp_metadata, safe_reader, save_file
 
 MODEL_FILE = "model_optim_rng.pt"
 # Megatron-LM flags that take several values (nargs='+') where ours takes one.
@@ -297,7 +297,7 @@ def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: s
                     payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": _unflatten_moments(moments[r])}
                 name = rank_dir_name(ep_size, r)
                 os.makedirs(os.path.join(directory, name))
-                torch.save(payload, os.path.join(directory, name, MODEL_FILE))
+                save_file(payload, os.path.join(directory, name, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write(str(iteration))
     return iteration_dir(root, iteration)
@@ -311,7 +311,7 @@ def _save_torch_dist_whole(directory: str, ckpt: TrainingCheckpoint) -> None:
     if ckpt.optimizer:
         state["optimizer"] = ckpt.optimizer["state"]
         common["optimizer_step"] = ckpt.optimizer["step"]
-    torch.save(common, os.path.join(directory, COMMON))
+    save_file(common, os.path.join(directory, COMMON))
     dcp.save(state, checkpoint_id=directory, no_dist=True)
 
 
@@ -354,7 +354,7 @@ def save_model_checkpoint(root: str, checkpoint: ModelCheckpoint, layout: Layout
     with atomic_directory(root) as tmp:
         rank_dir = os.path.join(iteration_dir(tmp, 0), "mp_rank_00")
         os.makedirs(rank_dir)
-        torch.save(payload, os.path.join(rank_dir, MODEL_FILE))
+        save_file(payload, os.path.join(rank_dir, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write("release")
     return os.path.join(iteration_dir(root, 0), "mp_rank_00", MODEL_FILE)

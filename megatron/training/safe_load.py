@@ -12,7 +12,9 @@ framework reads back (`model_optim_rng.pt`, `common.pt`, `rng_rank_*.pt`, a torc
                          layouts and pathlib paths
 
 Anything else is refused with one line naming the global the file asked for. A file that is
-not a readable pickle at all (truncated, overwritten) is reported as corrupt.
+not a readable pickle at all (truncated, overwritten) is reported as corrupt. `save_file`
+writes a file back with any stand-ins under their Megatron-Core names (the offline tools carry
+a Megatron-LM checkpoint's `args` into the files they write).
 
 The stand-ins are small enums with Megatron-Core's member names and values, unpickled under the
 real dotted names (`megatron.core.transformer.enums.AttnBackend`, ...), so Megatron-LM
@@ -28,6 +30,7 @@ import os
 import pickle
 import re
 import signal
+import types
 from typing import Any
 
 import numpy as np
@@ -82,6 +85,31 @@ def allowed_globals() -> list:
     """The allowlist for `torch.load(weights_only=True)`: classes, or (stand-in, dotted name) pairs."""
     return [argparse.Namespace, signal.Signals, io.BytesIO, *_numpy_globals(),
             *((cls, name) for name, cls in MEGATRON_STAND_INS.items())]
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+class _RealNamesPickler(pickle._Pickler):
+    """torch.save's pickler for files that may hold stand-ins: each is written under the
+    Megatron-Core name it was read from, so Megatron-LM reads the file back as its own."""
+
+    _real_names = {cls: name for name, cls in MEGATRON_STAND_INS.items()}
+
+    def save_global(self, obj, name=None):
+        real = self._real_names.get(obj)
+        if real is None:
+            return super().save_global(obj, name)
+        module, qualname = real.rsplit(".", 1)
+        self.write(pickle.GLOBAL + f"{module}\n{qualname}\n".encode())
+        self.memoize(obj)
+
+
+def save_file(obj: Any, path) -> None:
+    """`torch.save(obj, path)`, with stand-ins (from `load_file`) written as Megatron-Core's classes."""
+    module = types.ModuleType("checkpoint_pickle")
+    module.Pickler = _RealNamesPickler
+    torch.save(obj, path, pickle_module=module)
 
 
 # ---------------------------------------------------------------------------- torch.load files

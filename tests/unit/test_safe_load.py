@@ -125,3 +125,16 @@ def test_metadata_with_code_is_refused_and_truncated_metadata_is_corrupt(tmp_pat
     (tmp_path / "ok" / ".metadata").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="corrupt or incomplete"):
         read_dcp_metadata(str(tmp_path / "ok"))
+
+
+def test_saving_writes_stand_ins_back_under_megatron_core_names(tmp_path):
+    from megatron.training.safe_load import save_file
+
+    with megatron_core_names():
+        torch.save({"args": argparse.Namespace(backend=AttnBackend.auto, kind=ModelType.encoder_or_decoder)},
+                   tmp_path / "megatron.pt")
+    save_file(load_file(str(tmp_path / "megatron.pt")), tmp_path / "resaved.pt")
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "resaved.pt")
+    assert sorted(names) == ["argparse.Namespace", "megatron.core.enums.ModelType",
+                             "megatron.core.transformer.enums.AttnBackend"]
+    assert load_file(str(tmp_path / "resaved.pt"))["args"].backend.name == "auto"
