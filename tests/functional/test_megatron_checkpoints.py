@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -151,10 +152,59 @@ def test_save_writes_megatron_layout_and_round_trips(tmp_path, impl, grouped):
 
 
 def megatron_torch_load(path: str):
-    """What Megatron-LM 0.16 does: torch.load with weights_only (torch >= 2.6) and Megatron-Core's
-    registered safe globals (argparse.Namespace, numpy's array pieces, ...), nothing of ours."""
-    from numpy._core.multiarray import _reconstruct
+    """What Megatron-LM 0.16 does: torch.load with weights_only (torch >= 2.6) and the safe globals
+    Megatron-Core registers (argparse.Namespace, numpy's array pieces, its enums), nothing of ours."""
+    from tests.megatron_fixtures import AttnBackend, CudaGraphScope, ModelType
 
-    with torch.serialization.safe_globals([argparse.Namespace, _reconstruct, np.ndarray, np.dtype,
-                                           np.dtypes.UInt32DType, (_reconstruct, "numpy.core.multiarray._reconstruct")]):
+    reconstruct = (getattr(np, "_core", None) or np.core).multiarray._reconstruct
+    enums = [(AttnBackend, "megatron.core.transformer.enums.AttnBackend"), (ModelType, "megatron.core.enums.ModelType"),
+             (CudaGraphScope, "megatron.core.transformer.enums.CudaGraphScope")]
+    with torch.serialization.safe_globals([argparse.Namespace, signal.Signals, np.ndarray, np.dtype,
+                                           np.dtypes.UInt32DType, *enums,
+                                           (reconstruct, "numpy._core.multiarray._reconstruct"),
+                                           (reconstruct, "numpy.core.multiarray._reconstruct")]):
         return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_tool(name: str, *argv: str) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, f"tools/checkpoint/{name}", *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_reshard_reads_megatron_lm_expert_parallel_checkpoints_and_keeps_their_layout(tmp_path, native):
+    _, ours = native
+    shards = [{k: v[2 * r:2 * r + 2] if ".mlp.experts." in k else v for k, v in ours.items()} for r in range(2)]
+    args = megatron_lm_args(make_config(FLAGS), SAVED_ITERATION, SAVED_ITERATION * GBS, expert_model_parallel_size=2)
+    src, out = tmp_path / "megatron_ep2", tmp_path / "ep1"
+    write_megatron_checkpoint(str(src), SAVED_ITERATION, [megatron_model_state(s, "te_grouped", True) for s in shards],
+                              args)
+    run_tool("reshard.py", "--load-dir", str(src), "--save-dir", str(out), "--ckpt-format", "torch")
+    payload = megatron_torch_load(str(out / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt"))
+    assert "decoder.layers.1.mlp.experts.linear_fc2.weight3" in payload["model"]  # TEGroupedMLP, 4 local experts
+    assert "decoder.layers.0.mlp.linear_fc1.layer_norm_weight" in payload["model"]
+    assert payload["args"].attention_backend.name == "auto"  # written back under Megatron-Core's class name
+    _, expected = loaded(f"--load {native[0]} --no-load-optim --no-load-rng")
+    _, loss = loaded(f"--load {out} --no-load-optim")
+    assert loss == expected
+
+
+def test_convert_reads_megatron_lm_checkpoints(tmp_path):
+    """A Megatron-LM checkpoint (no `config` entry: the model comes from its args) converts to
+    Hugging Face with the same tensors as our own checkpoint of the same weights."""
+    from safetensors.torch import load_file as read_safetensors
+
+    ours_root = tmp_path / "ours"
+    pretrain(make_config(f"--train-iters 1 --save {ours_root}"))
+    state = load_training_checkpoint(str(ours_root)).model
+    args = megatron_lm_args(make_config(""), 1, GBS)
+    write_megatron_checkpoint(str(tmp_path / "megatron"), 1, [megatron_model_state(state, "grouped", False)], args)
+    for name in ("ours", "megatron"):
+        run_tool("convert.py", "--loader", "megatron", "--saver", "hf", "--load-dir", str(tmp_path / name),
+                 "--save-dir", str(tmp_path / f"{name}_hf"))
+    expected = read_safetensors(tmp_path / "ours_hf" / "model-00001-of-00001.safetensors")
+    written = read_safetensors(tmp_path / "megatron_hf" / "model-00001-of-00001.safetensors")
+    assert sorted(written) == sorted(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
