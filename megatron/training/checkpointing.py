@@ -409,8 +409,9 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
     if ts is not None:
         trainer.state.consumed_train_samples = int(ts["consumed_train_samples"])
         trainer.state.floating_point_operations_so_far = float(ts["floating_point_operations_so_far"])
-    elif common.get("args") is not None:
+    elif common.get("args") is not None:  # Megatron-LM's checkpoint
         trainer.state.consumed_train_samples = int(getattr(common["args"], "consumed_train_samples", 0))
+        trainer.state.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0))
     if not ck.no_load_optim:
         if optimizer is None or "opt_param_scheduler" not in common:
             raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim, "

@@ -58,6 +58,7 @@ def test_megatron_lm_checkpoint_loads_with_the_same_loss(tmp_path, native, impl,
     trainer, loss = loaded(f"--load {tmp_path} --no-load-optim")
     assert loss == expected
     assert trainer.state.iteration == SAVED_ITERATION and trainer.state.consumed_train_samples == SAVED_ITERATION * GBS
+    assert trainer.state.floating_point_operations_so_far == 1.0e9  # Megatron-LM's counter
     state = trainer.model.state_dict()
     assert all(torch.equal(state[k], reference.model.state_dict()[k]) for k in state)
     assert not os.path.exists("MARKER_FROM_EXTRA_STATE")  # extra state is dropped unread
