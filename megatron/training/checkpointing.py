@@ -12,9 +12,11 @@ Model and optimizer tensors are keyed by parameter name and shaped like the para
 expert-parallel size. The legacy files are Megatron-LM's: model tensors under Megatron-Core's
 names for `--transformer-impl` / `--moe-grouped-gemm` (`megatron_layout`), `args` with the
 attributes Megatron-LM reads to resume; any Megatron-LM legacy checkpoint loads (its layout is
-detected). Every file is read without running code from it (`safe_load`). A checkpoint is written under `iter_N.tmp` and renamed when every rank
-has finished; the `latest` file moves last. A process killed during a save therefore leaves the
-previous checkpoint as the one that loads, and the half-written directory never looks valid.
+detected). Every file is read without running code from it (`safe_load`).
+
+A checkpoint is written under `iter_N.tmp` and renamed when every rank has finished; the
+`latest` file moves last. A process killed during a save therefore leaves the previous
+checkpoint as the one that loads, and the half-written directory never looks valid.
 """
 
 from __future__ import annotations

@@ -83,9 +83,6 @@ class Layout:
         return f"Megatron-Core {EXPERT_CLASSES[self.experts]}, {spec} layer spec"
 
 
-NATIVE = Layout("native")
-
-
 def layout_for(transformer_impl: str, moe_grouped_gemm: bool) -> Layout:
     """What Megatron-LM writes for `--transformer-impl` and `--moe-grouped-gemm`."""
     te = transformer_impl == "transformer_engine"
