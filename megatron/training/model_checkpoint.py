@@ -47,6 +47,8 @@ from megatron.training.megatron_layout import Layout
 from megatron.training.safe_load import load_file, read_dcp_metadata, safe_reader, save_file
 
 MODEL_FILE = "model_optim_rng.pt"
+# Model-group flags that do not change the weights' meaning (Megatron-LM allows other values).
+_RUN_ONLY_FLAGS = {"moe_token_dispatcher_type", "transformer_impl", "moe_grouped_gemm"}
 # Megatron-LM flags that take several values (nargs='+') where ours takes one.
 _MEGATRON_LIST_FLAGS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
 _RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
@@ -77,7 +79,7 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
 
     ours = parse_args(list(RUN_FLAGS))
     model_flags = {a.dest for g in build_parser()._action_groups if g.title in ("model", "mixture of experts")
-                   for a in g._group_actions}
+                   for a in g._group_actions} - _RUN_ONLY_FLAGS
     for name in model_flags:
         value = getattr(args, name, None)
         if isinstance(value, list) and len(value) == 1 and name in _MEGATRON_LIST_FLAGS:
@@ -87,7 +89,6 @@ def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
     if getattr(args, "padded_vocab_size", None) is None:
         raise ValueError("checkpoint 'args' has no padded_vocab_size, so the model cannot be rebuilt")
     ours.vocab_size, ours.make_vocab_size_divisible_by = args.padded_vocab_size, 1
-    ours.transformer_impl = "local"  # the computation is the same; only checkpoint names differ
     try:
         return config_from_args(ours, world_size=1).model
     except ValueError as e:
