@@ -150,12 +150,12 @@ def _experts_to_megatron(state: Mapping[str, Tensor], p: str, experts: str) -> d
         return {f"{p}.weight1": w1.contiguous().view(D, -1), f"{p}.weight2": w2.contiguous().view(-1, D)}
     names = PER_EXPERT_NAMES[experts]
     out = {}
-    for e in range(w1.shape[0]):
-        out[f"{p}.{names[0].format(e=e)}"] = w1[e].t().contiguous()
-        out[f"{p}.{names[1].format(e=e)}"] = w2[e].t().contiguous()
+    for e in range(w1.shape[0]):  # views: torch.save writes the stacked storage once, no copy on the device
+        out[f"{p}.{names[0].format(e=e)}"] = w1[e].t()
+        out[f"{p}.{names[1].format(e=e)}"] = w2[e].t()
         if b1 is not None:
-            out[f"{p}.{names[2].format(e=e)}"] = b1[e].clone()
-            out[f"{p}.{names[3].format(e=e)}"] = b2[e].clone()
+            out[f"{p}.{names[2].format(e=e)}"] = b1[e]
+            out[f"{p}.{names[3].format(e=e)}"] = b2[e]
     return out
 
 
