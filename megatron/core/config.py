@@ -288,6 +288,12 @@ class CheckpointConfig:
     """`torch_dist` (reshardable directory) or `torch` (legacy per-rank files) (`--ckpt-format`)."""
     async_save: bool = False
     """Write checkpoints in the background (`--async-save`)."""
+    transformer_impl: str = "local"
+    """Megatron-Core layer spec whose tensor names `--ckpt-format torch` writes: `local` or
+    `transformer_engine` (`--transformer-impl`; computation here is the same either way)."""
+    moe_grouped_gemm: bool = False
+    """With `--ckpt-format torch`, write experts as Megatron-Core's grouped-GEMM modules (TEGroupedMLP,
+    or GroupedMLP under `local`) instead of SequentialMLP (`--moe-grouped-gemm`)."""
 
 
 @dataclass
@@ -401,6 +407,10 @@ def validate(cfg: Config) -> None:
         raise ValueError("--save-interval must be positive")
     if cfg.checkpoint.async_save and cfg.checkpoint.ckpt_format != "torch_dist":
         raise ValueError("--async-save needs --ckpt-format torch_dist")
+    if (cfg.checkpoint.ckpt_format == "torch" and cfg.checkpoint.moe_grouped_gemm and m.moe is not None
+            and m.add_bias_linear and cfg.checkpoint.transformer_impl == "local"):
+        raise ValueError("--moe-grouped-gemm with --transformer-impl local writes Megatron-Core's GroupedMLP, which "
+                         "has no expert biases: add --disable-bias-linear, or use --transformer-impl transformer_engine")
 
 
 def _validate_recompute(t: TrainingConfig, num_layers: int) -> None:

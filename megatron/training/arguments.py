@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--qk-layernorm", action="store_true")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--vocab-size", type=int, default=None)
-    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"])
+    g.add_argument("--transformer-impl", default="local", choices=["local", "transformer_engine"],
+                   help="computation is the same; chooses the Megatron-Core layer spec whose tensor names "
+                        "--ckpt-format torch writes")
 
     g = p.add_argument_group("mixture of experts")
     g.add_argument("--num-experts", type=int, default=None)
@@ -181,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
     g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
     g.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="accepted for compatibility: experts always run as one grouped GEMM")
+                   help="experts always run as one grouped GEMM; this chooses the expert names --ckpt-format torch "
+                        "writes (Megatron-Core's TEGroupedMLP or GroupedMLP instead of SequentialMLP)")
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
@@ -389,7 +392,8 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         if value not in (None, 1):
             raise ArgumentError(f"{flag} > 1 is not supported yet; use 1")
     if args.transformer_impl == "transformer_engine":
-        warnings.warn("--transformer-impl transformer_engine: no Transformer Engine backend yet; using local")
+        warnings.warn("--transformer-impl transformer_engine: no Transformer Engine backend yet; computing with the "
+                      "local implementation (--ckpt-format torch writes Transformer Engine's tensor names)")
 
     num_layers = _require(args.num_layers, "--num-layers")
     hidden = _require(args.hidden_size, "--hidden-size")
@@ -554,6 +558,8 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         finetune=args.finetune,
         ckpt_format=args.ckpt_format,
         async_save=args.async_save,
+        transformer_impl=args.transformer_impl,
+        moe_grouped_gemm=args.moe_grouped_gemm,
     )
     cfg = Config(model=model, parallel=parallel, optimizer=optimizer, data=data,
                  training=training, checkpoint=checkpoint)

@@ -9,13 +9,19 @@
 
 Model and optimizer tensors are keyed by parameter name and shaped like the parameters (see
 `megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any world size and
-expert-parallel size. A checkpoint is written under `iter_N.tmp` and renamed when every rank
-has finished; the `latest` file moves last. A process killed during a save therefore leaves the
-previous checkpoint as the one that loads, and the half-written directory never looks valid.
+expert-parallel size. The legacy files are Megatron-LM's: model tensors under Megatron-Core's
+names for `--transformer-impl` / `--moe-grouped-gemm` (`megatron_layout`), `args` with the
+attributes Megatron-LM reads to resume; any Megatron-LM legacy checkpoint loads (its layout is
+detected). Every file is read without running code from it (`safe_load`).
+
+A checkpoint is written under `iter_N.tmp` and renamed when every rank has finished; the
+`latest` file moves last. A process killed during a save therefore leaves the previous
+checkpoint as the one that loads, and the half-written directory never looks valid.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import glob
 import os
@@ -38,7 +44,9 @@ from megatron.core.dist_checkpointing import (
     tensor_mismatches,
 )
 from megatron.core.parallel_state import ProcessGroups
+from megatron.training import megatron_layout
 from megatron.training.logger import print_rank_0
+from megatron.training.safe_load import CheckpointError, load_file, read_dcp_metadata, safe_reader
 
 if TYPE_CHECKING:
     from megatron.training.train import Trainer
@@ -56,10 +64,6 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
                 "qk_layernorm", "untie_embeddings_and_output_weights", "position_embedding_type")
 MOE_SHAPE_FIELDS = ("num_experts", "ffn_hidden_size", "layer_pattern", "shared_expert_ffn_hidden_size",
                     "enable_expert_bias")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this run; the message says what differs."""
 
 
 # ---------------------------------------------------------------------------- paths and files
@@ -131,7 +135,7 @@ def common_state(trainer: "Trainer", cfg: Config, args) -> dict:
     """Everything that is not a model or optimizer tensor (identical on every rank)."""
     state = trainer.state
     common = {
-        "args": args,
+        "args": checkpoint_args(args, cfg, state, trainer.groups),
         "config": dataclasses.asdict(cfg),
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": state.iteration,
@@ -143,6 +147,18 @@ def common_state(trainer: "Trainer", cfg: Config, args) -> dict:
         if trainer.scaler is not None:
             common["grad_scaler"] = trainer.scaler.state_dict()
     return common
+
+
+def checkpoint_args(args: Optional[argparse.Namespace], cfg: Config, state, groups: ProcessGroups) -> argparse.Namespace:
+    """The saved `args`: this run's flags plus what Megatron-LM reads to resume, under its names."""
+    return megatron_layout.megatron_args(
+        args, cfg.model, transformer_impl=cfg.checkpoint.transformer_impl,
+        moe_grouped_gemm=cfg.checkpoint.moe_grouped_gemm, ckpt_format=cfg.checkpoint.ckpt_format,
+        make_vocab_size_divisible_by=cfg.data.make_vocab_size_divisible_by, tokenizer_type=cfg.data.tokenizer_type,
+        expert_model_parallel_size=groups.ep_size, data_parallel_size=groups.dp_size, world_size=groups.world_size,
+        micro_batch_size=cfg.training.micro_batch_size, global_batch_size=cfg.training.global_batch_size,
+        iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
+        consumed_valid_samples=getattr(state, "consumed_valid_samples", 0), skipped_train_samples=0)
 
 
 def tensor_state(trainer: "Trainer", cfg: Config) -> dict:
@@ -170,7 +186,8 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
     tensors = tensor_state(trainer, cfg)  # collective under the distributed optimizer
     rng = None if cfg.checkpoint.no_save_rng else rng_state()
     if cfg.checkpoint.ckpt_format == "torch":
-        _save_legacy(tmp, common, tensors, rng, groups)
+        layout = megatron_layout.layout_for(cfg.checkpoint.transformer_impl, cfg.checkpoint.moe_grouped_gemm)
+        _save_legacy(tmp, common, tensors, rng, groups, layout)
     else:
         pending = _save_torch_dist(trainer, tmp, common, tensors, rng, groups, cfg.checkpoint.async_save)
         if pending is not None:
@@ -181,10 +198,11 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
     return final
 
 
-def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups) -> None:
+def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups,
+                 layout: megatron_layout.Layout) -> None:
     if groups.expert_dp is not None and dist.get_rank(groups.expert_dp) != 0:
         return  # one replica of each expert-parallel shard writes
-    payload = {**common, "model": tensors["model"]}
+    payload = {**common, "model": megatron_layout.to_megatron(tensors["model"], layout)}
     if "optimizer" in tensors:
         payload["optimizer"] = tensors["optimizer"]
     if rng is not None:
@@ -272,34 +290,33 @@ def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> N
     if is_torch_dist(directory):
         common, tensors, rng = _load_torch_dist(trainer, cfg, groups, directory)
     else:
-        common, tensors, rng = _load_legacy(groups, directory)
-        check_compatible(common.get("config"), cfg, directory)
+        common, tensors, rng = _load_legacy(cfg, groups, directory, trainer.model)
     load_model_state(trainer.model, tensors["model"], directory)
     restore_training_state(trainer, cfg, common, tensors.get("optimizer"), rng, directory)
     print_rank_0(groups.is_main, f"  loaded checkpoint from {ck.load} at iteration {trainer.state.iteration}")
 
 
-def _load_legacy(groups: ProcessGroups, directory: str):
+def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torch.nn.Module):
     path = os.path.join(directory, rank_dir_name(groups.ep_size, groups.ep_rank), "model_optim_rng.pt")
     if not os.path.isfile(path):
         found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "mp_rank_*")))
         raise CheckpointError(
             f"--load: {path} is missing (the checkpoint has {', '.join(found) or 'no rank files'}; it was saved "
             "with another expert-parallel size: convert it with tools/checkpoint/reshard.py)")
-    payload = _torch_load(path)
-    tensors = {"model": payload["model"]}
+    payload = load_file(path)
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise CheckpointError(f"--load: {path} holds no 'model' entry; it is not a model checkpoint")
+    check_compatible(payload.get("config"), cfg, directory)
+    try:
+        state, _ = megatron_layout.from_megatron(
+            payload["model"], megatron_layout.num_local_experts(model.state_dict()), path)
+    except ValueError as e:
+        raise CheckpointError(f"--load: {e}") from None
+    tensors = {"model": state}
     if "optimizer" in payload:
         tensors["optimizer"] = payload["optimizer"]
     rng = payload["rng_state"][0] if payload.get("rng_state") else None
     return payload, tensors, rng
-
-
-def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise CheckpointError(f"--load: cannot read {path} ({type(e).__name__}: {e}); the file is corrupt "
-                              "or truncated: load an earlier iteration") from None
 
 
 def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str):
@@ -308,9 +325,9 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
     common_path = os.path.join(directory, COMMON)
     if not os.path.isfile(common_path):
         raise CheckpointError(f"--load: {common_path} is missing; the checkpoint is incomplete")
-    common = _torch_load(common_path)
+    common = load_file(common_path)
     check_compatible(common.get("config"), cfg, directory)
-    metadata = _read_metadata(directory)
+    metadata = read_dcp_metadata(directory)
     want_optim = not (cfg.checkpoint.finetune or cfg.checkpoint.no_load_optim)
     has_optim = any(k.startswith("optimizer.") for k in metadata.state_dict_metadata)
     if want_optim and not has_optim:
@@ -324,7 +341,7 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
         target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in m.items()}
                                for name, m in optim_local["state"].items()}
     try:
-        dcp.load(target, checkpoint_id=directory, no_dist=groups.world_size == 1)
+        dcp.load(target, storage_reader=safe_reader(directory), no_dist=groups.world_size == 1)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
         raise CheckpointError(f"--load: cannot read {directory} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or incomplete") from None
@@ -333,18 +350,8 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
         tensors["optimizer"] = {"step": common.get("optimizer_step", 0),
                                 "state": {n: local_tensors(m) for n, m in target["optimizer"].items()}}
     rng_path = os.path.join(directory, f"rng_rank_{groups.rank:05d}.pt")
-    rng = _torch_load(rng_path) if os.path.isfile(rng_path) else None
+    rng = load_file(rng_path) if os.path.isfile(rng_path) else None
     return common, tensors, rng
-
-
-def _read_metadata(directory: str):
-    from torch.distributed.checkpoint import FileSystemReader
-
-    try:
-        return FileSystemReader(directory).read_metadata()
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"--load: cannot read {directory}/.metadata ({type(e).__name__}); "
-                              "the checkpoint is corrupt or incomplete") from None
 
 
 def check_tensor_shapes(metadata, target: dict, prefix: str, source: str) -> None:
@@ -388,6 +395,11 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def is_own_optimizer_state(optimizer) -> bool:
+    """Whether a checkpoint's `optimizer` entry is this framework's {'step', 'state': {name: moments}}."""
+    return isinstance(optimizer, dict) and set(optimizer) == {"step", "state"}
+
+
 def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimizer: Optional[dict],
                            rng: Optional[dict], source: str) -> None:
     """Iteration, samples, optimizer, schedule, scaler and RNG, as --finetune/--no-load-* allow."""
@@ -399,12 +411,17 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
     if ts is not None:
         trainer.state.consumed_train_samples = int(ts["consumed_train_samples"])
         trainer.state.floating_point_operations_so_far = float(ts["floating_point_operations_so_far"])
-    elif common.get("args") is not None:
+    elif common.get("args") is not None:  # Megatron-LM's checkpoint
         trainer.state.consumed_train_samples = int(getattr(common["args"], "consumed_train_samples", 0))
+        trainer.state.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0))
     if not ck.no_load_optim:
         if optimizer is None or "opt_param_scheduler" not in common:
             raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim, "
                                   "or converted); pass --no-load-optim, or --finetune")
+        if not is_own_optimizer_state(optimizer):
+            raise CheckpointError(f"--load: {source} holds Megatron-LM's optimizer state, which this framework "
+                                  "does not read; pass --no-load-optim (the model, iteration and data position "
+                                  "still load), or --finetune")
         try:
             load_optimizer_state_by_name(trainer.model, trainer.optimizer, optimizer)
         except (ValueError, KeyError) as e:

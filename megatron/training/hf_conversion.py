@@ -249,7 +249,10 @@ def _fmt(value) -> str:
 def hf_config_to_flags(hf_config: Any) -> list[str]:
     """Our model flags (Megatron-LM names) for a Hugging Face config.json.
 
-    The vocabulary is kept exact (`--make-vocab-size-divisible-by 1`), dropout is off, and
+    The vocabulary is kept exact: `--make-vocab-size-divisible-by 1`, and `--tokenizer-type
+    NullTokenizer --vocab-size V-1` for config.json's `vocab_size` V, since NullTokenizer adds an
+    end-of-document id after its `--vocab-size` ids (a later `--tokenizer-type` overrides it; the
+    vocabulary then comes from that tokenizer and must have V entries). Dropout is off and
     `--seq-length` is the model's `max_position_embeddings`. Raises ValueError naming the
     config.json field that cannot be converted.
     """
@@ -274,7 +277,8 @@ def hf_config_to_flags(hf_config: Any) -> list[str]:
         "--swiglu", "--disable-bias-linear",
         "--hidden-dropout", 0.0, "--attention-dropout", float(hf.get("attention_dropout") or 0.0),
         "--init-method-std", float(hf.get("initializer_range") or 0.02),
-        "--vocab-size", _required(hf, "vocab_size"), "--make-vocab-size-divisible-by", 1,
+        "--tokenizer-type", "NullTokenizer", "--vocab-size", _required(hf, "vocab_size") - 1,
+        "--make-vocab-size-divisible-by", 1,
     ]
     if not hf.get("tie_word_embeddings", False):
         flags.append("--untie-embeddings-and-output-weights")

@@ -4,11 +4,13 @@
     <root>/iter_0000100/mp_rank_00/model_optim_rng.pt         EP = 1
     <root>/iter_0000100/mp_rank_00_{000,001,...}/model_optim_rng.pt   expert-parallel ranks
 
-Each file holds at least `model` (the rank's state dict), `config` (`dataclasses.asdict` of
-the run's `Config`), `args` (the argparse namespace of its flags) and `iteration`.
-`load_model_checkpoint` merges expert-parallel shards into one EP = 1 state dict.
-`save_model_checkpoint` writes a converted checkpoint: iteration 0, tracker `release`, no
-optimizer state (load it for training with `--finetune`, or `--no-load-optim --no-load-rng`).
+Each file holds at least `model` (the rank's state dict, in one of Megatron-Core's layouts or
+ours: `megatron_layout`), `args` (the flag namespace) and `iteration`; ours also `config`
+(`dataclasses.asdict` of the run's `Config`). Megatron-LM's own checkpoints have no `config`:
+the model is rebuilt from `args`. `load_model_checkpoint` merges expert-parallel shards into one
+EP = 1 state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
+Megatron-Core layout: iteration 0, tracker `release`, no optimizer state (load it for training
+with `--finetune`, or `--no-load-optim --no-load-rng`). Files are read with `safe_load`.
 
 Note: Megatron-LM keeps a `release` checkpoint in `<root>/release/`; converted checkpoints go
 to `iter_0000000/` with a `release` tracker. Both directory names are read
@@ -18,6 +20,7 @@ to `iter_0000000/` with a `release` tracker. Both directory names are read
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,20 +29,28 @@ from typing import Any, Optional
 import torch
 
 from megatron.core.config import ModelConfig, MoEConfig
-from megatron.training.atomic_dir import atomic_directory
 from megatron.core.optimizer import is_expert_param
+from megatron.training import megatron_layout
+from megatron.training.atomic_dir import atomic_directory
 from megatron.training.checkpointing import (
     CHECKPOINT_VERSION,
     COMMON,
     TRACKER,
     checkpoint_dir_for,
+    is_own_optimizer_state,
     is_torch_dist,
     iteration_dir,
     rank_dir_name,
     read_tracker,
 )
+from megatron.training.megatron_layout import Layout
+from megatron.training.safe_load import load_file, read_dcp_metadata, safe_reader, save_file
 
 MODEL_FILE = "model_optim_rng.pt"
+# Model-group flags that do not change the weights' meaning (Megatron-LM allows other values).
+_RUN_ONLY_FLAGS = {"moe_token_dispatcher_type", "transformer_impl", "moe_grouped_gemm"}
+# Megatron-LM flags that take several values (nargs='+') where ours takes one.
+_MEGATRON_LIST_FLAGS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
 _RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
 
 
@@ -58,6 +69,30 @@ class ModelCheckpoint:
     args: Optional[argparse.Namespace]
     iteration: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
+    """Our ModelConfig from a checkpoint's flag namespace (Megatron-LM's `args` included: its model
+    flags have our names), with the checkpoint's padded vocabulary."""
+    from megatron.training.arguments import build_parser, config_from_args, parse_args
+    from megatron.training.hf_conversion import RUN_FLAGS
+
+    ours = parse_args(list(RUN_FLAGS))
+    model_flags = {a.dest for g in build_parser()._action_groups if g.title in ("model", "mixture of experts")
+                   for a in g._group_actions} - _RUN_ONLY_FLAGS
+    for name in model_flags:
+        value = getattr(args, name, None)
+        if isinstance(value, list) and len(value) == 1 and name in _MEGATRON_LIST_FLAGS:
+            value = value[0]
+        if value is not None:
+            setattr(ours, name, value)
+    if getattr(args, "padded_vocab_size", None) is None:
+        raise ValueError("checkpoint 'args' has no padded_vocab_size, so the model cannot be rebuilt")
+    ours.vocab_size, ours.make_vocab_size_divisible_by = args.padded_vocab_size, 1
+    try:
+        return config_from_args(ours, world_size=1).model
+    except ValueError as e:
+        raise ValueError(f"checkpoint 'args' do not describe a model this framework builds: {e}") from None
 
 
 def model_config_from_dict(config: dict) -> ModelConfig:
@@ -132,10 +167,15 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 def _load_payload(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # holds an argparse.Namespace
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means an unreadable file
-        raise ValueError(f"cannot read {path}: {e}") from None
+    payload = load_file(path, "--load-dir")
+    if not isinstance(payload, dict) or "model" not in payload:
+        raise ValueError(f"{path}: checkpoint has no 'model' entry")
+    return payload
+
+
+def _router_rows(state: dict) -> int:
+    """Total experts per MoE layer (rows of a router weight); 0 for a dense model."""
+    return next((int(t.shape[0]) for k, t in state.items() if k.endswith(".mlp.router.weight")), 0)
 
 
 @dataclass
@@ -143,12 +183,15 @@ class TrainingCheckpoint:
     """A whole training checkpoint at EP = 1: what `--load` needs, in layout-free form.
 
     common: the non-tensor entries (iteration, train_state, scheduler, scaler, args, config).
-    model: state dict. optimizer: {'step': int, 'state': {name: {moment: tensor}}} or None.
+    model: state dict (our names). optimizer: {'step': int, 'state': {name: {moment: tensor}}} or
+    None (also for Megatron-LM's optimizer state, which is not read). layout: the legacy files'
+    Megatron-Core layout (None for torch_dist).
     """
 
     common: dict
     model: dict[str, torch.Tensor]
     optimizer: Optional[dict] = None
+    layout: Optional[Layout] = None
 
 
 def load_training_checkpoint(root: str) -> TrainingCheckpoint:
@@ -156,18 +199,20 @@ def load_training_checkpoint(root: str) -> TrainingCheckpoint:
     directory, iteration = _checkpoint_dir(root)
     if os.path.isfile(os.path.join(directory, ".metadata")):
         return _load_torch_dist_whole(directory)
-    payloads = [_load_payload(path) for path in _rank_files(directory)]
+    paths = _rank_files(directory)
+    payloads = [_load_payload(path) for path in paths]
     head = payloads[0]
-    if "model" not in head:
-        raise ValueError(f"{directory}: checkpoint has no 'model' entry")
     common = {k: v for k, v in head.items() if k not in ("model", "optimizer", "rng_state")}
     common.setdefault("iteration", iteration)
-    model = merge_expert_shards([p["model"] for p in payloads])
+    local_experts = _router_rows(head["model"]) // len(payloads)
+    shards, layouts = zip(*(megatron_layout.from_megatron(p["model"], local_experts, path)
+                            for p, path in zip(payloads, paths)))
+    model = merge_expert_shards(list(shards))
     optimizer = None
-    if "optimizer" in head:
+    if is_own_optimizer_state(head.get("optimizer")):
         moments = [_flatten_moments(p["optimizer"]["state"]) for p in payloads]
         optimizer = {"step": head["optimizer"]["step"], "state": _unflatten_moments(merge_expert_shards(moments))}
-    return TrainingCheckpoint(common, model, optimizer)
+    return TrainingCheckpoint(common, model, optimizer, layouts[0])
 
 
 def _flatten_moments(state: dict) -> dict[str, torch.Tensor]:
@@ -187,8 +232,8 @@ def _load_torch_dist_whole(directory: str) -> TrainingCheckpoint:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    common = _load_payload(os.path.join(directory, COMMON))
-    metadata = dcp.FileSystemReader(directory).read_metadata()
+    common = load_file(os.path.join(directory, COMMON), "--load-dir")
+    metadata = read_dcp_metadata(directory, "--load-dir")
     model, moments = {}, {}
     for key, meta in metadata.state_dict_metadata.items():
         if not isinstance(meta, TensorStorageMetadata):
@@ -201,7 +246,7 @@ def _load_torch_dist_whole(directory: str) -> TrainingCheckpoint:
             moments.setdefault(name, {})[moment] = empty
     target = {"model": model, **({"optimizer": moments} if moments else {})}
     try:
-        dcp.load(target, checkpoint_id=directory, no_dist=True)
+        dcp.load(target, storage_reader=safe_reader(directory, "--load-dir"), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
         raise ValueError(f"cannot read {directory}: {type(e).__name__}; it is corrupt or incomplete") from None
     optimizer = {"step": common.get("optimizer_step", 0), "state": moments} if moments else None
@@ -223,10 +268,19 @@ def split_expert_shards(state: dict[str, torch.Tensor], ep_size: int) -> list[di
     return shards
 
 
+def legacy_layout(ckpt: TrainingCheckpoint) -> Layout:
+    """The Megatron-Core layout legacy output keeps: the input's, or what its flags write."""
+    if ckpt.layout is not None and ckpt.layout.experts != "native":
+        return ckpt.layout
+    args = ckpt.common.get("args")
+    return megatron_layout.layout_for(getattr(args, "transformer_impl", "local"),
+                                      bool(getattr(args, "moe_grouped_gemm", False)))
+
+
 def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: str, ep_size: int = 1) -> str:
     """Write `ckpt` into the new directory `root` (atomically) as `torch_dist` (loads at any
-    layout) or `torch` legacy files for `ep_size` expert-parallel ranks. RNG states are not
-    carried over: they belong to the old layout's ranks."""
+    layout) or `torch` legacy files for `ep_size` expert-parallel ranks (in `legacy_layout`).
+    RNG states are not carried over: they belong to the old layout's ranks."""
     iteration = int(ckpt.common.get("iteration", 0))
     with atomic_directory(root) as tmp:
         directory = iteration_dir(tmp, iteration)
@@ -237,13 +291,14 @@ def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: s
             models = split_expert_shards(ckpt.model, ep_size)
             moments = (split_expert_shards(_flatten_moments(ckpt.optimizer["state"]), ep_size)
                        if ckpt.optimizer else [None] * ep_size)
+            layout = legacy_layout(ckpt)
             for r in range(ep_size):
-                payload = {**ckpt.common, "model": models[r]}
+                payload = {**ckpt.common, "model": megatron_layout.to_megatron(models[r], layout)}
                 if ckpt.optimizer:
                     payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": _unflatten_moments(moments[r])}
                 name = rank_dir_name(ep_size, r)
                 os.makedirs(os.path.join(directory, name))
-                torch.save(payload, os.path.join(directory, name, MODEL_FILE))
+                save_file(payload, os.path.join(directory, name, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write(str(iteration))
     return iteration_dir(root, iteration)
@@ -257,7 +312,7 @@ def _save_torch_dist_whole(directory: str, ckpt: TrainingCheckpoint) -> None:
     if ckpt.optimizer:
         state["optimizer"] = ckpt.optimizer["state"]
         common["optimizer_step"] = ckpt.optimizer["step"]
-    torch.save(common, os.path.join(directory, COMMON))
+    save_file(common, os.path.join(directory, COMMON))
     dcp.save(state, checkpoint_id=directory, no_dist=True)
 
 
@@ -265,21 +320,33 @@ def load_model_checkpoint(root: str) -> ModelCheckpoint:
     """Weights and config of the checkpoint `root`'s tracker names (or of an iteration dir)."""
     ckpt = load_training_checkpoint(root)
     head = ckpt.common
-    if "config" not in head:
-        raise ValueError(f"{root}: checkpoint has no 'config' entry, so the model cannot be rebuilt")
+    if "config" in head:
+        model_config = model_config_from_dict(head["config"])
+        config = head["config"]
+    elif head.get("args") is not None:  # Megatron-LM's checkpoint
+        model_config = model_config_from_args(head["args"])
+        config = {"model": dataclasses.asdict(model_config)}
+    else:
+        raise ValueError(f"{root}: checkpoint has neither 'config' nor 'args', so the model cannot be rebuilt")
     extra = {k: head[k] for k in ("hf_config",) if k in head}
-    return ModelCheckpoint(model_config_from_dict(head["config"]), dict(ckpt.model), head["config"],
-                           head.get("args"), int(head.get("iteration", 0)), extra)
+    return ModelCheckpoint(model_config, dict(ckpt.model), config, head.get("args"), int(head.get("iteration", 0)),
+                           extra)
 
 
-def save_model_checkpoint(root: str, checkpoint: ModelCheckpoint) -> str:
-    """Write `checkpoint` as a release (iteration 0) legacy checkpoint into `root`, atomically.
+def save_model_checkpoint(root: str, checkpoint: ModelCheckpoint, layout: Layout = Layout("sequential")) -> str:
+    """Write `checkpoint` as a release (iteration 0) legacy checkpoint into `root`, atomically,
+    with the model in Megatron-Core's `layout` (default: SequentialMLP, local layer spec).
 
     `root` must be absent or empty. Returns the path of the model file written.
     """
+    transformer_impl = "transformer_engine" if layout.te_norms else "local"
+    args = megatron_layout.megatron_args(
+        checkpoint.args, checkpoint.model_config, transformer_impl=transformer_impl,
+        moe_grouped_gemm=layout.experts in ("te_grouped", "grouped"), ckpt_format="torch",
+        expert_model_parallel_size=1, iteration=0, consumed_train_samples=0, consumed_valid_samples=0)
     payload = {
-        "model": checkpoint.state_dict,
-        "args": checkpoint.args,
+        "model": megatron_layout.to_megatron(checkpoint.state_dict, layout),
+        "args": args,
         "config": checkpoint.config,
         "checkpoint_version": CHECKPOINT_VERSION,
         "iteration": 0,
@@ -288,7 +355,7 @@ def save_model_checkpoint(root: str, checkpoint: ModelCheckpoint) -> str:
     with atomic_directory(root) as tmp:
         rank_dir = os.path.join(iteration_dir(tmp, 0), "mp_rank_00")
         os.makedirs(rank_dir)
-        torch.save(payload, os.path.join(rank_dir, MODEL_FILE))
+        save_file(payload, os.path.join(rank_dir, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write("release")
     return os.path.join(iteration_dir(root, 0), "mp_rank_00", MODEL_FILE)

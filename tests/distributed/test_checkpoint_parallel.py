@@ -85,3 +85,49 @@ def test_offline_reshard_legacy_ep2_to_ep4_and_to_torch_dist(tmp_path):
     proc = subprocess.run([sys.executable, "tools/checkpoint/reshard.py", "--load-dir", str(tmp_path / "nope"),
                            "--save-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("reshard.py: error:")
+
+
+# --transformer-impl/--moe-grouped-gemm -> the Megatron name of local expert {e}'s fc1 (None: GroupedMLP's one tensor).
+LAYOUTS = {
+    "": "local_experts.{e}.linear_fc1.weight",  # SequentialMLP
+    "--transformer-impl transformer_engine --moe-grouped-gemm": "linear_fc1.weight{e}",  # TEGroupedMLP
+    "--moe-grouped-gemm": None,  # GroupedMLP: one [D, E_local*2F] tensor
+}
+
+
+def _save_initial(rank: int, world: int, ep: int, root: str) -> None:
+    from megatron.training import checkpointing
+    from megatron.training.train import Trainer
+
+    groups = groups_from_mesh(ep, torch.device("cpu"), "gloo")
+    for i, extra in enumerate(LAYOUTS):
+        cfg = make_config(f"{COMMON} --expert-model-parallel-size {ep} --ckpt-format torch --save {root}/{i} {extra}",
+                          world_size=world)
+        checkpointing.save_checkpoint(Trainer(cfg, groups), cfg, groups)
+
+
+def test_legacy_rank_files_hold_their_local_experts(tmp_path):
+    """EP = 2 on two ranks: mp_rank_00_00r holds experts 2r and 2r+1 under local indices 0 and 1,
+    equal to the same experts of a one-process model (initialisation does not depend on EP), for
+    each expert implementation."""
+    from megatron.core.parallel_state import ProcessGroups
+    from megatron.training.safe_load import load_file
+    from megatron.training.train import build_model
+
+    run_distributed(_save_initial, 2, 2, str(tmp_path))
+    reference = build_model(make_config(COMMON), ProcessGroups()).state_dict()
+    for i, fc1 in enumerate(LAYOUTS.values()):
+        for rank in range(2):
+            path = tmp_path / str(i) / "iter_0000000" / f"mp_rank_00_{rank:03d}" / "model_optim_rng.pt"
+            payload = load_file(str(path))
+            model, args = payload["model"], payload["args"]
+            assert (args.expert_model_parallel_size, args.data_parallel_size, args.world_size) == (2, 2, 2)
+            for layer in range(2):
+                p = f"decoder.layers.{layer}.mlp.experts"
+                ours = reference[f"{p}.weight1"][2 * rank:2 * rank + 2]  # [2, D, 2F]
+                if fc1 is None:
+                    assert torch.equal(model[f"{p}.weight1"], ours.reshape(ours.shape[1], -1))
+                    continue
+                for e in range(2):
+                    assert torch.equal(model[f"{p}.{fc1.format(e=e)}"], ours[e].T)
+                assert f"{p}.{fc1.format(e=2)}" not in model

@@ -21,11 +21,13 @@ from megatron.training import hf_conversion as hfc  # noqa: E402
 from megatron.training.arguments import config_from_args, parse_args  # noqa: E402
 from megatron.training.checkpointing import iteration_dir, load_model_state, read_tracker  # noqa: E402
 from megatron.training.hf_checkpoint import read_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+from megatron.training.megatron_layout import from_megatron  # noqa: E402
 from megatron.training.model_checkpoint import (  # noqa: E402
     MODEL_FILE,
     load_model_checkpoint,
     model_config_from_dict,
 )
+from megatron.training.safe_load import load_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONVERT = os.path.join(ROOT, "tools", "checkpoint", "convert.py")
@@ -158,6 +160,15 @@ def test_flags_rebuild_the_same_config():
     m = cfg.model
     assert (m.vocab_size, m.kv_channels, m.ffn_hidden_size, m.moe.ffn_hidden_size) == (256, 32, 96, 48)
     assert m.moe.layer_pattern == (1, 0) and m.qk_layernorm and m.moe.pre_softmax
+
+
+def test_flags_keep_the_exact_vocabulary_with_null_tokenizer():
+    """NullTokenizer adds an end-of-document id: the flags ask for V-1 ids so the model has V rows."""
+    flags = hfc.hf_config_to_flags(hf_model("mixtral").config)
+    assert flags[flags.index("--vocab-size") + 1] == str(SHAPE["vocab_size"] - 1)
+    for extra in ([], ["--tokenizer-type", "NullTokenizer"]):
+        cfg = config_from_args(parse_args([*flags, *hfc.RUN_FLAGS, *extra]), world_size=1)
+        assert cfg.model.vocab_size == SHAPE["vocab_size"]
 
 
 def test_model_config_to_hf_config_round_trip():
@@ -379,12 +390,14 @@ def test_cli_end_to_end(tmp_path):
     # Our legacy layout: tracker 'release', loadable by the training loader's helpers.
     assert (meg / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert read_tracker(str(meg)) == 0
-    payload = torch.load(os.path.join(iteration_dir(str(meg), 0), "mp_rank_00", MODEL_FILE), weights_only=False)
+    payload = load_file(os.path.join(iteration_dir(str(meg), 0), "mp_rank_00", MODEL_FILE))
     assert payload["iteration"] == 0 and payload["hf_config"]["model_type"] == "mixtral"
     cfg = config_from_args(payload["args"], world_size=1)
     assert model_config_from_dict(payload["config"]) == cfg.model
     ours = GPTModel(cfg.model)
-    load_model_state(ours, payload["model"], "converted")
+    assert "decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight" in payload["model"]  # SequentialMLP
+    state, _ = from_megatron(payload["model"], cfg.model.moe.num_experts, "converted")
+    load_model_state(ours, state, "converted")
     assert max_logit_diff(hf, ours.eval(), tokens()) < 1e-4
 
     r = run_cli("--loader", "megatron", "--saver", "hf", "--load-dir", str(meg), "--save-dir", str(out))

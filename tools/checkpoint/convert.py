@@ -4,8 +4,10 @@
     python tools/checkpoint/convert.py --loader megatron --saver hf --load-dir CKPT --save-dir HF_DIR
 
 Hugging Face side: config.json + safetensors (Mixtral, Qwen3-MoE, Llama, Qwen3; see
-megatron/training/hf_conversion.py). Megatron side: `--ckpt-format torch` checkpoints
-(expert-parallel shards are merged). The output directory must be new or empty and appears
+megatron/training/hf_conversion.py). Megatron side: `--ckpt-format torch` checkpoints, ours or
+Megatron-LM's in any Megatron-Core layout (expert-parallel shards are merged), or torch_dist;
+written in the layout Megatron-LM uses for `--transformer-impl` and `--moe-grouped-gemm`
+(megatron/training/megatron_layout.py). The output directory must be new or empty and appears
 only when complete. Bad input is reported as one `convert.py: error: ...` line, exit status 2.
 transformers is not needed.
 """
@@ -31,6 +33,7 @@ from megatron.training.hf_checkpoint import (  # noqa: E402
     read_hf_checkpoint,
     save_hf_checkpoint,
 )
+from megatron.training.megatron_layout import layout_for  # noqa: E402
 from megatron.training.model_checkpoint import (  # noqa: E402
     ModelCheckpoint,
     load_model_checkpoint,
@@ -63,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dir", required=True, help="output directory (must not exist, or be empty)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast floating-point tensors (default: keep the input's dtypes)")
+    g = p.add_argument_group("Megatron output (--saver megatron)")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="write the tensor names of Megatron-Core's local or Transformer Engine layer spec")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="write experts as TEGroupedMLP (transformer_engine) or GroupedMLP (local) instead of "
+                        "SequentialMLP")
     g = p.add_argument_group("Hugging Face output (--saver hf)")
     g.add_argument("--hf-architecture", choices=sorted(hfc.ARCHITECTURES), default=None,
                    help="target model_type (default: inferred: mixtral, qwen3_moe, llama or qwen3)")
@@ -98,7 +107,7 @@ LOADERS: dict[str, Callable[[argparse.Namespace], ModelCheckpoint]] = {"hf": loa
 
 
 def save_megatron(args: argparse.Namespace, checkpoint: ModelCheckpoint) -> None:
-    save_model_checkpoint(args.save_dir, checkpoint)
+    save_model_checkpoint(args.save_dir, checkpoint, layout_for(args.transformer_impl, args.moe_grouped_gemm))
 
 
 def save_hf(args: argparse.Namespace, checkpoint: ModelCheckpoint) -> None:

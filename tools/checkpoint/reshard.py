@@ -4,12 +4,15 @@
         --ckpt-format torch --target-expert-parallel-size 4
     python tools/checkpoint/reshard.py --load-dir LEGACY --save-dir DIST --ckpt-format torch_dist
 
-Reads `torch` (legacy, any expert-parallel size) or `torch_dist` checkpoints, merges expert
-shards in one process, and writes the requested format. `torch_dist` output loads under any
-world size and EP size, so it needs no target size; `torch` output is written for
-`--target-expert-parallel-size` ranks. RNG states are dropped (they belong to the old ranks);
-everything else a resumed run needs is kept. The output directory must be new or empty and
-appears only when complete. Bad input is one `reshard.py: error: ...` line, exit status 2.
+Reads `torch` (legacy, any expert-parallel size; ours or Megatron-LM's, in any Megatron-Core
+layout) or `torch_dist` checkpoints, merges expert shards in one process, and writes the
+requested format. `torch_dist` output loads under any world size and EP size, so it needs no
+target size; `torch` output is written for `--target-expert-parallel-size` ranks, in the input's
+Megatron-Core layout (from torch_dist: the one its `--transformer-impl`/`--moe-grouped-gemm`
+write). RNG states are dropped (they belong to the old ranks); everything else a resumed run
+needs is kept, except Megatron-LM's optimizer state, which is not read. The output directory
+must be new or empty and appears only when complete. Bad input is one `reshard.py: error: ...`
+line, exit status 2.
 """
 
 from __future__ import annotations
