@@ -5,7 +5,7 @@
 
 Builds the model with this framework's Trainer (grouped GEMM experts, fused AdamW, SDPA flash
 attention), runs warm-up steps, then times `--steps` optimizer steps and reports tokens/s,
-TFLOP/s per GPU (DESIGN.md 5.6's FLOPs) and MFU against the bf16 dense peak (989 TFLOP/s for
+TFLOP/s per GPU (the FLOPs of docs/architecture.md) and MFU against the bf16 dense peak (989 TFLOP/s for
 H100/H200 SXM), plus peak memory. Add layers until memory runs out to find "as many as fit".
 """
 

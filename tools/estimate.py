@@ -6,7 +6,7 @@
 
 Any training flag can follow (they override the config). The model:
 
-* compute: training FLOPs per token (DESIGN.md 5.6) x tokens per GPU / achieved TFLOP/s;
+* compute: training FLOPs per token (docs/architecture.md) x tokens per GPU / achieved TFLOP/s;
 * all-to-all (alltoall dispatcher): per MoE layer and micro-batch, each rank sends and receives
   T*K*D*b*(EP-1)/EP bytes for dispatch and again for combine, and the backward pass repeats
   both: 4 exchanges. Time = bytes / bandwidth + alpha * (EP - 1) per exchange, with the

@@ -1,4 +1,4 @@
-"""Model FLOPs per token for throughput and MFU (DESIGN.md 5.6).
+"""Model FLOPs per token for throughput and MFU (docs/architecture.md, "FLOPs for throughput and MFU").
 
 Training FLOPs per token ~= 6 * (active non-embedding parameters + output layer)
                            + 12 * L * S * D  (attention scores and values, forward + backward),

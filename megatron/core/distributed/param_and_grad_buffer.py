@@ -1,6 +1,6 @@
 """Contiguous gradient buffers, bucketed reduction, and the sharded (ZeRO-1) optimizer layout.
 
-Parameters are split into two sections by how their gradients are reduced (DESIGN.md 5.2):
+Parameters are split into two sections by how their gradients are reduced:
 
 * dense parameters: averaged over the data-parallel group;
 * expert parameters: summed over the expert-data-parallel group. Their gradient already holds

@@ -12,7 +12,7 @@ the probability-weighted sum over each token's K experts (dropped assignments co
 * `LocalDispatcher` (EP = 1): sort the T*K assignments by expert, compute, unsort.
 * `AllToAllDispatcher`: sort by global expert, exchange counts, `all_to_all_single` with uneven
   splits (differentiable), regroup received rows from [source rank, local expert] to
-  [local expert, source rank] order, and the mirror path back (DESIGN.md 5.2).
+  [local expert, source rank] order, and the mirror path back.
 * `AllGatherDispatcher`: all-gather every EP rank's tokens and routing, compute this rank's
   experts on all of them, and reduce-scatter the weighted outputs back.
 
