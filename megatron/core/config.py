@@ -473,5 +473,8 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
         raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
     if moe.shared_expert_ffn_hidden_size is not None:
         _positive(moe.shared_expert_ffn_hidden_size, "--moe-shared-expert-intermediate-size")
+        if m.add_bias_linear:
+            raise ValueError("--moe-shared-expert-intermediate-size needs --disable-bias-linear: shared experts "
+                             "have no biases (Megatron-Core refuses them too)")
     if moe.token_dispatcher_type not in ("alltoall", "allgather"):
         raise ValueError("--moe-token-dispatcher-type must be alltoall or allgather")

@@ -137,3 +137,9 @@ def test_recompute_flags_reach_the_plan(flags, segments, per_layer):
 def test_bad_recompute_flags_name_the_flag(flags, named):
     with pytest.raises(ValueError, match=named):
         make_config(flags)
+
+
+def test_shared_expert_with_linear_biases_is_refused_as_in_megatron():
+    with_biases = TINY_FLAGS.replace("--disable-bias-linear ", "")
+    with pytest.raises(ValueError, match="--moe-shared-expert-intermediate-size needs --disable-bias-linear"):
+        make_config("--moe-shared-expert-intermediate-size 16", base=with_biases)

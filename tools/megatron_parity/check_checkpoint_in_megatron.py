@@ -53,7 +53,21 @@ OURS_FLAGS = (
 ).split()
 MEGATRON_ITERATION = 5
 LOSS_TOLERANCE = 1e-5
-EXPERTS = ("sequential", "grouped")
+# +biases: linear biases everywhere and a router bias; no shared expert (Megatron-Core refuses biases there).
+EXPERTS = ("sequential", "grouped", "sequential+biases")
+
+
+def _shared(experts: str):
+    return None if experts.endswith("+biases") else SHAPE["shared"]
+
+
+def _ours_flags(experts: str) -> list[str]:
+    flags = list(OURS_FLAGS) + (["--moe-grouped-gemm"] if experts == "grouped" else [])
+    if experts.endswith("+biases"):
+        flags.remove("--disable-bias-linear")
+        at = flags.index("--moe-shared-expert-intermediate-size")
+        del flags[at:at + 2]
+    return flags
 
 
 def _path(work: str, *parts: str) -> str:
@@ -73,19 +87,19 @@ def fixed_batch(work: str) -> dict:
     return torch.load(path)
 
 
-def _ours_cfg(extra: list[str]):
+def _ours_cfg(experts: str, extra: list[str]):
     from megatron.training.arguments import config_from_args, parse_args
 
-    return config_from_args(parse_args(OURS_FLAGS + extra), world_size=1)
+    return config_from_args(parse_args(_ours_flags(experts) + extra), world_size=1)
 
 
-def _ours_loaded(load_dir: str, extra: list[str]):
+def _ours_loaded(load_dir: str, experts: str):
     """Our Trainer restored from `load_dir` through --load, and its loss on the fixed batch."""
     from megatron.core.parallel_state import ProcessGroups
     from megatron.training import checkpointing
     from megatron.training.train import Trainer
 
-    cfg = _ours_cfg(extra + ["--load", load_dir, "--train-iters", "10", "--no-load-optim"])
+    cfg = _ours_cfg(experts, ["--load", load_dir, "--train-iters", "10", "--no-load-optim"])
     trainer = Trainer(cfg, ProcessGroups())
     checkpointing.load_checkpoint(trainer, cfg, trainer.groups)
     batch = fixed_batch(os.path.dirname(load_dir))
@@ -98,17 +112,16 @@ def _ours_loaded(load_dir: str, extra: list[str]):
 def ours_save(work: str, experts: str) -> None:
     from megatron.training.train import pretrain
 
-    extra = ["--moe-grouped-gemm"] if experts == "grouped" else []
     save = _path(work, f"ours_{experts}")
-    pretrain(_ours_cfg(extra + ["--save", save, "--train-iters", "2"]))
-    trainer, loss = _ours_loaded(save, extra)
+    pretrain(_ours_cfg(experts, ["--save", save, "--train-iters", "2"]))
+    trainer, loss = _ours_loaded(save, experts)
     torch.save(trainer.model.state_dict(), _path(work, f"ours_{experts}_state.pt"))
     with open(_path(work, f"ours_{experts}_loss.json"), "w") as f:
         json.dump({"loss": loss}, f)
 
 
 def ours_load(work: str, experts: str) -> dict:
-    trainer, loss = _ours_loaded(_path(work, f"mcore_{experts}"), [])
+    trainer, loss = _ours_loaded(_path(work, f"mcore_{experts}"), experts)
     from megatron.training.safe_load import load_file
 
     megatron = load_file(_path(work, f"mcore_{experts}", f"iter_{MEGATRON_ITERATION:07d}", "mp_rank_00",
@@ -171,8 +184,9 @@ def megatron_model(experts: str):
         num_layers=s["num_layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
         num_query_groups=s["groups"], ffn_hidden_size=s["ffn"], moe_ffn_hidden_size=s["moe_ffn"],
         num_moe_experts=s["experts"], moe_router_topk=s["topk"], moe_layer_freq=[0, 1],
-        moe_shared_expert_intermediate_size=s["shared"], qk_layernorm=True, gated_linear_unit=True,
-        activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=1e-5, add_bias_linear=False,
+        moe_shared_expert_intermediate_size=_shared(experts), qk_layernorm=True, gated_linear_unit=True,
+        activation_func=F.silu, normalization="RMSNorm", layernorm_epsilon=1e-5,
+        add_bias_linear=experts.endswith("+biases"),
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, init_method_std=0.02,
         moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
         moe_grouped_gemm=experts == "grouped", bias_activation_fusion=False, bias_dropout_fusion=False,
@@ -237,10 +251,10 @@ def mcore_save(work: str, experts: str) -> None:
         num_layers=s["num_layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"], group_query_attention=True,
         num_query_groups=s["groups"], kv_channels=s["hidden"] // s["heads"], ffn_hidden_size=s["ffn"],
         seq_length=s["seq"], max_position_embeddings=s["seq"], position_embedding_type="rope", rotary_base=10000,
-        normalization="RMSNorm", swiglu=True, add_bias_linear=False, qk_layernorm=True,
+        normalization="RMSNorm", swiglu=True, add_bias_linear=experts.endswith("+biases"), qk_layernorm=True,
         untie_embeddings_and_output_weights=True, padded_vocab_size=s["vocab"], num_experts=s["experts"],
         moe_ffn_hidden_size=s["moe_ffn"], moe_router_topk=s["topk"], moe_layer_freq=[0, 1],
-        moe_shared_expert_intermediate_size=s["shared"], moe_grouped_gemm=experts == "grouped",
+        moe_shared_expert_intermediate_size=_shared(experts), moe_grouped_gemm=experts == "grouped",
         transformer_impl="local", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         expert_model_parallel_size=1, consumed_train_samples=MEGATRON_ITERATION * s["batch"] + 6,
         consumed_valid_samples=0, attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
@@ -278,9 +292,10 @@ def compare(megatron_state: dict, ours: dict) -> dict:
         if not sep:
             mine, theirs = ours[name], value
         elif tail.startswith("local_experts."):
-            e, fc = int(tail.split(".")[1]), tail.split(".")[2]
-            mine = ours[f"{head}.mlp.experts.{'weight1' if fc == 'linear_fc1' else 'weight2'}"][e]
-            theirs = value.t()
+            _, e, fc, kind = tail.split(".")
+            ours_name = ("weight" if kind == "weight" else "bias") + ("1" if fc == "linear_fc1" else "2")
+            mine = ours[f"{head}.mlp.experts.{ours_name}"][int(e)]
+            theirs = value.t() if kind == "weight" else value
         elif tail == "weight1":
             mine, theirs = ours[name], value.view(E, D, -1)
         elif tail == "weight2":
