@@ -111,7 +111,7 @@ def test_truncated_idx_is_a_clear_error(small_dataset, cut, message):
     open(small_dataset + ".idx", "wb").write(data[:cut])
     with pytest.raises(IndexedDatasetError, match=message) as e:
         IndexedDataset(small_dataset)
-    assert small_dataset + ".idx" in str(e.value)
+    assert str(e.value).startswith(small_dataset + ".idx: ") and "preprocess the data again" in str(e.value)
 
 
 @pytest.mark.parametrize("position, value, message", [
@@ -124,8 +124,9 @@ def test_corrupt_idx_is_a_clear_error(small_dataset, position, value, message):
     data = bytearray(open(small_dataset + ".idx", "rb").read())
     data[position:position + 1] = value
     open(small_dataset + ".idx", "wb").write(bytes(data))
-    with pytest.raises(IndexedDatasetError, match=message):
+    with pytest.raises(IndexedDatasetError, match=message) as e:
         IndexedDataset(small_dataset)
+    assert str(e.value).startswith(small_dataset + ".idx: ")
 
 
 def test_bad_document_index_is_a_clear_error(tmp_path):
@@ -148,13 +149,14 @@ def test_bin_of_wrong_size_is_a_clear_error(small_dataset, change, message):
     open(small_dataset + ".bin", "wb").write(data[:change] if change < 0 else data + b"\x00" * change)
     with pytest.raises(IndexedDatasetError, match=message) as e:
         IndexedDataset(small_dataset)
-    assert small_dataset + ".bin" in str(e.value)
+    assert str(e.value).startswith(small_dataset + ".bin: ")
 
 
 def test_missing_file_is_a_clear_error(small_dataset):
     os.unlink(small_dataset + ".bin")
-    with pytest.raises(IndexedDatasetError, match="does not exist"):
+    with pytest.raises(IndexedDatasetError, match="no such file") as e:
         IndexedDataset(small_dataset)
+    assert str(e.value).startswith(small_dataset + ".bin: ")
 
 
 def test_pickles_by_prefix_not_by_content(small_dataset):
@@ -164,3 +166,29 @@ def test_pickles_by_prefix_not_by_content(small_dataset):
     blob = pickle.dumps(ds)
     assert len(blob) < 200 + len(small_dataset)
     np.testing.assert_array_equal(pickle.loads(blob).document(1), [4, 5])
+
+
+class _Opens:
+    """A dataset whose items open an indexed dataset (as a DataLoader worker reopens one)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return IndexedDataset(self.prefix)[0]
+
+
+def test_error_raised_in_a_loader_worker_is_still_one_line(small_dataset):
+    from torch.utils.data import DataLoader
+
+    data = bytearray(open(small_dataset + ".idx", "rb").read())
+    data[17] = 42
+    open(small_dataset + ".idx", "wb").write(bytes(data))
+    with pytest.raises(IndexedDatasetError) as direct:
+        IndexedDataset(small_dataset)
+    with pytest.raises(IndexedDatasetError) as from_worker:
+        list(DataLoader(_Opens(small_dataset), batch_size=None, num_workers=1))
+    assert str(from_worker.value) == str(direct.value) and "\n" not in str(direct.value)
