@@ -74,7 +74,7 @@ def test_reads_megatron_file_with_several_sequences_per_document(tmp_path):
     np.testing.assert_array_equal(ds[1], [3, 4, 5])
     np.testing.assert_array_equal(ds.document(0), [1, 2, 3, 4, 5])
     np.testing.assert_array_equal(ds.document(1), [6])
-    np.testing.assert_array_equal(ds.document_starts, [0, 5])
+    np.testing.assert_array_equal(ds.sequence_starts, [0, 2, 5, 6])
 
 
 def test_writer_records_sequence_split_documents(tmp_path):

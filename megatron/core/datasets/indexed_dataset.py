@@ -13,7 +13,9 @@ Layout of the `.idx` file (all little-endian), the same bytes Megatron-LM reads 
 
 `.bin` is the sequences' tokens back to back in the dtype above. `preprocess_data.py` writes one
 sequence per document. Files from a Megatron-LM run with `--split-sentences` have several
-sequences per document; here a document is always the contiguous run of its sequences' tokens.
+sequences per document (a document is the contiguous run of its sequences' tokens). GPT
+datasets split, shuffle and cut *sequences*, as Megatron-Core does; the document index is
+only read back for inspection.
 
     IndexedDatasetWriter   streams documents to `.bin`, then writes the `.idx`
     IndexedDataset         memory-maps both files, validates them, serves token slices
@@ -153,7 +155,6 @@ class IndexedDataset:
         sequence_starts   int64[N+1] token offset of each sequence in `tokens`, plus the total
         document_index    int64[M+1]
         tokens            dtype[total tokens], the whole `.bin`
-        document_starts   int64[M]   token offset of each document in `tokens`
         document_lengths  int64[M]   tokens in each document
 
     Sequences are addressed by `dataset[i]` (as Megatron does); documents by `document(d)`.
@@ -207,8 +208,6 @@ class IndexedDataset:
                 f"{self.dtype} ({expected} bytes) but the file has {actual} bytes; {REDO}")
         self.tokens = (np.memmap(data_file, dtype=self.dtype, mode="r") if total_tokens
                        else np.empty(0, dtype=self.dtype))
-        self.document_starts = self.sequence_starts[self.document_index[:-1]]
-        """int64[M]: token offset of each document in `tokens`."""
         self.document_lengths = np.diff(self.sequence_starts[self.document_index])
         """int64[M]: tokens in each document (the sum of its sequences)."""
 
