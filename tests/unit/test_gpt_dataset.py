@@ -335,6 +335,16 @@ def test_unweighted_blend_is_one_epoch_of_each_by_length(tmp_path):
     assert len(capped) == sum(lengths)  # capped at one epoch of everything
 
 
+def test_unweighted_blend_leaves_out_a_dataset_without_a_whole_sample(tmp_path):
+    a, _ = two_corpora(tmp_path)
+    tiny = str(tmp_path / "tiny")
+    write_dataset(tiny, [[1, 2, 3]], np.uint16)  # 3 tokens: no sample of 8 + 1
+    cfg = make_config(f"--data-path {tiny} {a} --split 1,0,0 --data-cache-path {tmp_path / 'c'}")
+    with pytest.warns(UserWarning, match="tiny: its train split holds less than one sample"):
+        train, _, _ = build_gpt_datasets(cfg, (20, 0, 0), None)
+    assert len(train.datasets) == 1 and set(train.dataset_index.tolist()) == {0} and len(train) == 20
+
+
 def test_unweighted_blend_too_small_for_training_is_an_error(tmp_path):
     from megatron.core.datasets.errors import DataError
     from megatron.training.data import build_datasets

@@ -14,6 +14,10 @@ For each split with a requested size n > 0 (None otherwise):
   each dataset, except that a single prefix is used as is even with a weight.
 Splits of `--split` are ranges of sequence ids (`gpt_dataset.split_range`); a zero-weight split
 is absent.
+
+Where Megatron-Core cannot build a split at all (it loops forever on a split without tokens, and
+asserts on a zero weight or on an unweighted blend member without a whole sample), this builder
+leaves the dataset out of that split with a warning; a training split left empty is an error.
 """
 
 from __future__ import annotations
@@ -115,6 +119,13 @@ class _Builder:
             return self.gpt(prefixes[0], bookend, split, num_samples)
         if weights is None:  # one epoch of each, blended by length
             parts = [self.gpt(p, bookend, split, None) for p in prefixes]
+            for p, ds in zip(prefixes, parts):
+                if not len(ds):
+                    warnings.warn(f"{p}: its {SPLIT_NAMES[split]} split holds less than one sample; "
+                                  f"the blend by length leaves it out")
+            prefixes, parts = [p for p, ds in zip(prefixes, parts) if len(ds)], [ds for ds in parts if len(ds)]
+            if not parts:
+                return None
             blend_weights = [len(ds) for ds in parts]
             size = min(num_samples, sum(blend_weights))
         else:
@@ -131,7 +142,7 @@ class _Builder:
 
     def present(self, blend: Blend, bookend: tuple[float, float], split: int) -> Blend:
         """The blend without datasets of zero weight or without tokens in this split (each left
-        out with a warning; Megatron-Core cannot build such a blend at all)."""
+        out with a warning)."""
         name = SPLIT_NAMES[split]
         weights = blend.weights or [1.0] * len(blend.prefixes)
         kept = []
