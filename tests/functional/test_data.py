@@ -1,5 +1,5 @@
 """Data end to end: validation continues through the valid set across evaluations and resumes,
-and the test set is read once from its start."""
+the test set is read once from its start, and damaged data stops the run with one line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import pretrain_gpt
 from megatron.core.datasets.indexed_dataset import write_dataset
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets
@@ -101,3 +102,44 @@ def test_valid_position_from_checkpoints_with_and_without_it():
     assert restored(older).consumed_valid_samples == (9 // 4) * 3 * 4  # Megatron-LM's fallback
     assert restored({"iteration": 9, "args": None}).consumed_valid_samples == 24
     assert restored(older, train_samples=40).consumed_valid_samples == 0  # as Megatron-LM: no fallback
+
+
+# ---------------------------------------------------------------------- damaged data
+def damage(path: str, how: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "truncate":
+        data = data[:len(data) // 2]
+    elif how == "magic":
+        data[:4] = b"\x00\x00\x00\x00"
+    elif how == "dtype":
+        data[17] = 42
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("suffix, how, what", [
+    (".idx", "truncate", "truncated"),
+    (".idx", "magic", "not a Megatron indexed dataset"),
+    (".idx", "dtype", "unknown dtype code 42"),
+    (".bin", "truncate", "truncated"),
+])
+def test_damaged_dataset_is_one_line_and_exit_2(corpus, tmp_path, capsys, suffix, how, what):
+    damage(corpus + suffix, how)
+    argv = DATA_FLAGS.split() + ["--data-path", corpus, "--data-cache-path", str(tmp_path / "cache")]
+    assert pretrain_gpt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"pretrain_gpt.py: error: {corpus}{suffix}: ") and what in err
+
+
+def test_token_id_outside_the_vocabulary_from_worker_processes(tmp_path, capsys):
+    prefix = str(tmp_path / "bad")
+    docs = [np.arange(1, 30) for _ in range(6)]  # 10 samples an epoch: training reads them all
+    docs[5][3] = 4000
+    write_dataset(prefix, docs, np.uint16)
+    argv = DATA_FLAGS.split() + ["--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
+                                 "--num-workers", "2", "--split", "1,0,0"]
+    assert pretrain_gpt.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"pretrain_gpt.py: error: {prefix}.bin: sequence 5 holds token id 4000, ") and \
+        "vocabulary of 61 ids" in err
