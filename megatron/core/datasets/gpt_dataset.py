@@ -156,7 +156,7 @@ def build_indices(sequence_lengths: np.ndarray, sequence_ids_M: np.ndarray, seq_
     document_index = build_document_index(sequence_ids_M, epochs, before_final is not None, rng)
     total = (epochs * tokens_per_epoch - 1) // seq_length
     fits32 = max(len(document_index), int(sequence_lengths.max())) <= np.iinfo(np.int32).max
-    sample_index = build_sample_index(sequence_lengths[document_index].astype(np.int64), seq_length, total,
+    sample_index = build_sample_index(sequence_lengths[document_index], seq_length, total,
                                       np.dtype(np.int32 if fits32 else np.int64))
     shuffle_index = build_shuffle_index(total if before_final is None else before_final, total, rng)
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
