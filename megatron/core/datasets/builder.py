@@ -151,7 +151,7 @@ class _Builder:
                 warnings.warn(f"{p} has weight 0; the {name} blend leaves it out")
             elif not self.has_tokens(p, bookend):
                 warnings.warn(f"{p} has no {name} sequences under --split {self.cfg.data.split}; "
-                              f"the {name} split leaves it out")
+                              f"it is left out of the {name} data")
             else:
                 kept.append((w, p))
         return Blend([p for _, p in kept], None if blend.weights is None else [w for w, _ in kept])
