@@ -4,7 +4,10 @@ the test set is read once from its start, and damaged data stops the run with on
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from megatron.training.data import build_datasets
 from megatron.training.train import Trainer, TrainState, pretrain
 from tests.helpers import TINY_FLAGS, make_config
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA_FLAGS = TINY_FLAGS.replace("--mock-data ", "").replace("--vocab-size 64", "--vocab-size 60") + \
     " --tokenizer-type NullTokenizer --split 8,1,1"
 EVAL_LINE = re.compile(r" (validation|test) loss at (.*?) \| lm loss value: (\S+)")
@@ -131,15 +135,17 @@ def test_damaged_dataset_is_one_line_and_exit_2(corpus, tmp_path, capsys, suffix
     assert err.startswith(f"pretrain_gpt.py: error: {corpus}{suffix}: ") and what in err
 
 
-def test_token_id_outside_the_vocabulary_from_worker_processes(tmp_path, capsys):
+def test_token_id_outside_the_vocabulary_from_worker_processes(tmp_path):
+    """As a user runs it (a subprocess: a failed DataLoader's workers would take seconds to shut
+    down in this process)."""
     prefix = str(tmp_path / "bad")
     docs = [np.arange(1, 30) for _ in range(6)]  # 10 samples an epoch: training reads them all
     docs[5][3] = 4000
     write_dataset(prefix, docs, np.uint16)
     argv = DATA_FLAGS.split() + ["--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
                                  "--num-workers", "2", "--split", "1,0,0"]
-    assert pretrain_gpt.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith(f"pretrain_gpt.py: error: {prefix}.bin: sequence 5 holds token id 4000, ") and \
-        "vocabulary of 61 ids" in err
+    result = subprocess.run([sys.executable, "pretrain_gpt.py", *argv], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"pretrain_gpt.py: error: {prefix}.bin: sequence 5 holds token id 4000, ") and \
+        "vocabulary of 61 ids" in result.stderr

@@ -269,15 +269,6 @@ def test_token_id_outside_the_vocabulary_names_sequence_and_id(tmp_path):
     assert "\n" not in message
 
 
-def test_token_id_error_from_a_worker_process_is_one_line(tmp_path):
-    from torch.utils.data import DataLoader
-
-    prefix = write_with_token(tmp_path, -7)
-    ds = GPTDataset(IndexedDataset(prefix), (0, 6), 10, 4, 0, str(tmp_path / "c"), rules=TokenRules(vocab_size=100))
-    with pytest.raises(IndexedDatasetError) as e:
-        list(DataLoader(ds, batch_size=2, num_workers=2))
-    assert str(e.value).startswith(prefix + ".bin: sequence 3 holds token id -7") and "\n" not in str(e.value)
-
 
 # ---------------------------------------------------------------------- blends
 def test_blend_order_is_greedy_by_weight():
