@@ -117,27 +117,39 @@ class _Builder:
             return None
         if len(prefixes) == 1 and (weights is None or per_split):
             return self.gpt(prefixes[0], bookend, split, num_samples)
-        if weights is None:  # one epoch of each, blended by length
-            parts = [self.gpt(p, bookend, split, None) for p in prefixes]
-            for p, ds in zip(prefixes, parts):
-                if not len(ds):
-                    warnings.warn(f"{p}: its {SPLIT_NAMES[split]} split holds less than one sample; "
-                                  f"the blend by length leaves it out")
-            prefixes, parts = [p for p, ds in zip(prefixes, parts) if len(ds)], [ds for ds in parts if len(ds)]
-            if not parts:
-                return None
-            blend_weights = [len(ds) for ds in parts]
-            size = min(num_samples, sum(blend_weights))
-        else:
-            blend_weights = normalize(weights)
-            targets = [int(math.ceil(num_samples * w)) for w in blend_weights]
-            parts = [self.gpt(p, bookend, split, int(math.ceil(t * (1 + SURPLUS))))
-                     for p, t in zip(prefixes, targets)]
-            size = sum(targets)
+        if weights is None:
+            return self.blend_by_length(prefixes, bookend, split, num_samples)
+        return self.blend_by_weight(prefixes, weights, bookend, split, num_samples)
+
+    def blend_by_weight(self, prefixes: list[str], weights: list[float], bookend: tuple[float, float], split: int,
+                        num_samples: int) -> BlendedDataset:
+        """Each dataset asked for ceil(ceil(n * w) * 1.005) samples; the blend holds sum ceil(n * w)."""
+        w = normalize(weights)
+        targets = [int(math.ceil(num_samples * wd)) for wd in w]
+        parts = [self.gpt(p, bookend, split, int(math.ceil(t * (1 + SURPLUS)))) for p, t in zip(prefixes, targets)]
+        return self.blend(prefixes, parts, w, sum(targets), split)
+
+    def blend_by_length(self, prefixes: list[str], bookend: tuple[float, float], split: int,
+                        num_samples: int) -> Optional[BlendedDataset]:
+        """One epoch of each dataset, weighted by its length; min(n, total length) samples."""
+        parts = [self.gpt(p, bookend, split, None) for p in prefixes]
+        for p, ds in zip(prefixes, parts):
+            if not len(ds):
+                warnings.warn(f"{p}: its {SPLIT_NAMES[split]} split holds less than one sample; "
+                              f"the blend by length leaves it out")
+        prefixes, parts = [p for p, ds in zip(prefixes, parts) if len(ds)], [ds for ds in parts if len(ds)]
+        if not parts:
+            return None
+        lengths = [len(ds) for ds in parts]
+        return self.blend(prefixes, parts, lengths, min(num_samples, sum(lengths)), split)
+
+    def blend(self, prefixes: list[str], parts: list[GPTDataset], weights: list[float], size: int,
+              split: int) -> BlendedDataset:
+        """`size` samples of `parts` in the greedy order of `weights` (cached)."""
         name = SPLIT_NAMES[split]
         stems = "+".join(os.path.basename(p) for p in prefixes)
-        arrays = cached_blending_indices(blend_weights, size, self.cache_dir(prefixes[0]),
-                                         f"blend-{name}-{stems}"[:120], self.groups, self.log)
+        arrays = cached_blending_indices(weights, size, self.cache_dir(prefixes[0]), f"blend-{name}-{stems}"[:120],
+                                         self.groups, self.log)
         return BlendedDataset(parts, arrays["dataset_index"], arrays["dataset_sample_index"], prefixes)
 
     def present(self, blend: Blend, bookend: tuple[float, float], split: int) -> Blend:
