@@ -194,9 +194,10 @@ def sample_from_megatron_tokens(tokens_S1: torch.Tensor, rules: TokenRules) -> d
     `rules.pad` applied (in Megatron-Core's order: masks first, then pad ids replaced by 0)."""
     sample = sample_from_tokens(tokens_S1, rules.eod_mask)
     pad = rules.pad
-    sample["loss_mask"][sample["labels"] == pad] = 0.0
-    sample["tokens"][sample["tokens"] == pad] = 0
-    sample["labels"][sample["labels"] == pad] = 0
+    if bool((tokens_S1 == pad).any()):
+        sample["loss_mask"][sample["labels"] == pad] = 0.0
+        sample["tokens"][sample["tokens"] == pad] = 0
+        sample["labels"][sample["labels"] == pad] = 0
     return sample
 
 
