@@ -4,7 +4,7 @@
     torchrun --nproc-per-node 4 pretrain_gpt.py --config configs/tiny_moe.yaml --expert-model-parallel-size 4
 
 Bad flags are reported as one line naming the flag, with exit status 2, before anything is
-allocated.
+allocated. An unreadable checkpoint or damaged data is also one line, naming the file, exit 2.
 """
 
 import sys
@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     from megatron.training.arguments import config_from_args, parse_args
     from megatron.training.train import pretrain
 
+    from megatron.core.datasets.errors import DataError
     from megatron.training.checkpointing import CheckpointError
 
     try:
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
         return _fail(e)
     try:
         pretrain(cfg, args)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         return _fail(e)
     return 0
 

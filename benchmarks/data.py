@@ -115,11 +115,11 @@ def bench_fetch(workdir: str, prefix: str) -> None:
     indexed = IndexedDataset(prefix)
     cache = os.path.join(workdir, "cache")
     for seq_length in (128, 2048):
-        ds = GPTDataset(indexed, (0, indexed.num_documents), 5000, seq_length, 1234, cache)
+        ds = GPTDataset(indexed, (0, len(indexed)), 5000, seq_length, 1234, cache)
         report(f"GPTDataset[i], seq_length {seq_length}", latency(ds))
-    half = indexed.num_documents // 2
+    half = len(indexed) // 2
     parts = [GPTDataset(indexed, (0, half), 4000, 128, 1, cache, "a"),
-             GPTDataset(indexed, (half, indexed.num_documents), 4000, 128, 1, cache, "b")]
+             GPTDataset(indexed, (half, len(indexed)), 4000, 128, 1, cache, "b")]
     arrays = build_blending_indices([0.3, 0.7], 5000)
     blend = BlendedDataset(parts, arrays["dataset_index"], arrays["dataset_sample_index"])
     report("BlendedDataset[i] (2 datasets), seq_length 128", latency(blend))

@@ -6,9 +6,10 @@
 Each line of `--input` is one JSON object; the string under each `--json-keys` key is one
 document. For each key K the output is `<prefix>_K_document.bin/.idx`, one sequence per
 document, in input order whatever `--workers` is. Files are written under temporary names and
-renamed into place only when the whole input succeeded, so an interrupted run never leaves a
-dataset that looks valid. A malformed line or a missing key stops the run with an error
-naming the file and line. Blank lines are skipped.
+renamed into place only when the whole input succeeded, so an interrupted run (Ctrl-C: exit
+status 130) never leaves a dataset that looks valid. A malformed line, a missing key or a token
+id outside the tokenizer's vocabulary stops the run with one line naming the file and line, as
+does an input without documents; nothing is written then. Blank lines are skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Iterator, Optional
@@ -65,7 +67,7 @@ class DocumentEncoder:
         self.append_eod = args.append_eod
         self.input = args.input
         self.dtype = dtype
-        self.max_id = np.iinfo(dtype).max
+        self.vocab_size = tokenizer.vocab_size
 
     def encode(self, numbered_line: tuple[int, bytes]) -> tuple[list[np.ndarray], int]:
         """(line number, raw line) -> (token array per key, bytes read). Raises InputError."""
@@ -91,8 +93,11 @@ class DocumentEncoder:
             if self.append_eod:
                 ids = list(ids) + [self.tokenizer.eod]
             tokens = np.asarray(ids, dtype=np.int64)
-            if tokens.size and (tokens.min() < 0 or tokens.max() > self.max_id):
-                raise InputError(f"{where}: token id outside {self.dtype} range")
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+                bad = int(tokens[(tokens < 0) | (tokens >= self.vocab_size)][0])
+                raise InputError(f"{where}: token id {bad} in {key!r} is outside the tokenizer's vocabulary of "
+                                 f"{self.vocab_size} ids (0..{self.vocab_size - 1}); fix the line or the tokenizer "
+                                 f"flags; nothing written")
             arrays.append(tokens.astype(self.dtype))
         return arrays, len(line)
 
@@ -110,6 +115,7 @@ def _tokenizer(args: argparse.Namespace):
 
 def _init_worker(args: argparse.Namespace, dtype: np.dtype) -> None:
     global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _worker_encoder = DocumentEncoder(_tokenizer(args), args, dtype)
 
 
@@ -136,9 +142,15 @@ class AtomicOutputs:
     def __init__(self, prefix: str, keys: list[str], dtype: np.dtype):
         self.finals = [output_prefix(prefix, key) for key in keys]
         self.tag = f".tmp{os.getpid()}"
-        directory = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(directory, exist_ok=True)
-        self.writers = [IndexedDatasetWriter(p + ".bin" + self.tag, dtype) for p in self.finals]
+        self.writers = []
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            for p in self.finals:
+                self.writers.append(IndexedDatasetWriter(p + ".bin" + self.tag, dtype))
+        except OSError as e:
+            self.abandon()
+            raise InputError(f"--output-prefix {prefix}: {_unwritable(prefix, e)}; give a prefix in a writable "
+                             f"directory") from None
 
     def commit(self) -> None:
         for final, writer in zip(self.finals, self.writers):
@@ -156,6 +168,16 @@ class AtomicOutputs:
             for suffix in (".bin", ".idx"):
                 if os.path.exists(final + suffix + self.tag):
                     os.unlink(final + suffix + self.tag)
+
+
+def _unwritable(prefix: str, error: OSError) -> str:
+    """Why files cannot be created at `prefix`: a parent that is a file, or the OS's reason."""
+    parent = os.path.dirname(os.path.abspath(prefix))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        return f"{parent} is a file, not a directory"
+    return f"cannot write {error.filename or parent} ({error.strerror})"
 
 
 # ---------------------------------------------------------------------- main
@@ -202,6 +224,9 @@ def preprocess(args: argparse.Namespace) -> Progress:
             for writer, tokens in zip(outputs.writers, arrays):
                 writer.add_document(tokens)
             progress.add(nbytes)
+        if progress.documents == 0:
+            raise InputError(f"{args.input}: no documents (the file is empty or holds only blank lines); "
+                             f"nothing written")
         outputs.commit()
     except BaseException:
         outputs.abandon()
@@ -220,6 +245,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except InputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
     print(progress.line("done:"), file=sys.stderr)
     for key in args.json_keys:
         print(f"wrote {output_prefix(args.output_prefix, key)}.bin/.idx", file=sys.stderr)

@@ -218,7 +218,9 @@ class TrainingConfig:
     global_batch_size: int = 1
     """Sequences per optimizer step over all ranks (`--global-batch-size`)."""
     train_iters: int = 0
-    """Optimizer steps to run (`--train-iters`, or `--train-samples` / global batch)."""
+    """Optimizer steps to run (`--train-iters`, or `--train-samples` // global batch)."""
+    train_samples: Optional[int] = None
+    """`--train-samples`: the training set's size when given (else train_iters x global batch)."""
     seed: int = 1234
     """Seed of every random number generator (`--seed`)."""
     bf16: bool = False

@@ -497,7 +497,9 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
     gbs = args.global_batch_size if args.global_batch_size is not None else micro * dp
     if args.train_iters is not None and args.train_samples is not None:
         raise ArgumentError("give only one of --train-iters and --train-samples")
-    train_iters = args.train_iters if args.train_iters is not None else _iters_from_samples(args.train_samples, gbs)
+    # Megatron-LM: --train-samples // global batch iterations (a partial last batch is not run)
+    train_iters = args.train_iters if args.train_iters is not None else (
+        None if args.train_samples is None else args.train_samples // gbs)
     train_iters = _require(train_iters, "--train-iters (or --train-samples)")
 
     decay_iters = args.lr_decay_iters or _iters_from_samples(args.lr_decay_samples, gbs) or train_iters
@@ -526,6 +528,7 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         micro_batch_size=micro,
         global_batch_size=gbs,
         train_iters=train_iters,
+        train_samples=args.train_samples,
         seed=args.seed,
         bf16=args.bf16,
         fp16=args.fp16,

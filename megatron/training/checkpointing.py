@@ -408,12 +408,22 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
         return
     trainer.state.iteration = int(common["iteration"])
     ts = common.get("train_state")
+    megatron_args = common.get("args")
+    valid = None
     if ts is not None:
         trainer.state.consumed_train_samples = int(ts["consumed_train_samples"])
         trainer.state.floating_point_operations_so_far = float(ts["floating_point_operations_so_far"])
-    elif common.get("args") is not None:  # Megatron-LM's checkpoint
-        trainer.state.consumed_train_samples = int(getattr(common["args"], "consumed_train_samples", 0))
+        valid = ts.get("consumed_valid_samples")
+    elif megatron_args is not None:  # Megatron-LM's checkpoint
+        trainer.state.consumed_train_samples = int(getattr(megatron_args, "consumed_train_samples", 0))
         trainer.state.floating_point_operations_so_far = float(common.get("num_floating_point_operations_so_far", 0))
+    if valid is None and megatron_args is not None:
+        valid = getattr(megatron_args, "consumed_valid_samples", None)
+    t = cfg.training
+    if not valid and trainer.state.iteration > 0 and t.train_samples is None:
+        # Megatron-LM's fallback for checkpoints without the position: every evaluation so far
+        valid = (trainer.state.iteration // t.eval_interval) * t.eval_iters * t.global_batch_size
+    trainer.state.consumed_valid_samples = int(valid or 0)
     if not ck.no_load_optim:
         if optimizer is None or "opt_param_scheduler" not in common:
             raise CheckpointError(f"--load: {source} has no optimizer state (saved with --no-save-optim, "

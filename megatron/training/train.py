@@ -2,7 +2,7 @@
 
     pretrain(cfg)                 set up groups, model, optimizer, data; resume; train; evaluate
       Trainer.train_step(batches) one optimizer step over this rank's micro-batches
-      Trainer.evaluate(dataset)   mean LM loss over `eval_iters` global batches
+      Trainer.evaluate(batches)   mean LM loss over the next `eval_iters` global batches
 
 The reported LM loss never includes the MoE auxiliary losses; those are added only to what is
 backpropagated, and reported separately (averaged over MoE layers).
@@ -44,6 +44,8 @@ class TrainState:
     iteration: int = 0
     consumed_train_samples: int = 0
     floating_point_operations_so_far: float = 0.0
+    consumed_valid_samples: int = 0
+    """Validation samples read so far: each evaluation continues from here (Megatron-LM's)."""
 
 
 def recompute_plan(cfg: Config) -> RecomputePlan:
@@ -179,14 +181,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, dataset) -> float:
-        """Mean LM loss over the first `eval_iters` global batches of `dataset`."""
+    def evaluate(self, batches: Iterator[dict]) -> float:
+        """Mean LM loss over the next `eval_iters` global batches of this rank's micro-batches."""
         self.model.eval()
         total = torch.zeros((), device=self.groups.device)
         count = 0
-        for batch in micro_batches(build_loader(dataset, self.cfg, self.groups), self.groups.device):
-            total += self.forward(batch).lm_loss.float()
-            count += 1
+        for _ in range(self.cfg.training.eval_iters):
+            for batch in _take(batches, self.cfg.num_microbatches, "evaluation data ran out"):
+                total += self.forward(batch).lm_loss.float()
+                count += 1
         packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
         if self.groups.dp_size > 1:
             dist.all_reduce(packed, group=self.groups.dp)
@@ -248,8 +251,9 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     state = trainer.state
 
     train_ds, valid_ds, test_ds = build_datasets(cfg, groups)
-    loader = build_loader(train_ds, cfg, groups, state.consumed_train_samples)
-    batches = micro_batches(loader, groups.device)
+    batches = micro_batches(build_loader(train_ds, cfg, groups, state.consumed_train_samples), groups.device)
+    valid_batches = (micro_batches(build_loader(valid_ds, cfg, groups, state.consumed_valid_samples), groups.device)
+                     if valid_ds is not None else None)
     flops_per_iter = training_flops_per_iteration(cfg.model, t.global_batch_size)
     logger = TrainingLogger(groups.is_main, t.train_iters, t.log_interval, t.global_batch_size,
                             cfg.model.seq_length, flops_per_iter, groups.world_size, groups.device,
@@ -269,8 +273,8 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
             logger.record(result)
             logger.maybe_log(state.iteration, state.consumed_train_samples, result,
                              time.perf_counter() - loop_start, state.iteration - first_iteration)
-            if valid_ds is not None and t.eval_interval and state.iteration % t.eval_interval == 0:
-                loss = trainer.evaluate(valid_ds)
+            if valid_batches is not None and state.iteration % t.eval_interval == 0:
+                loss = _validate(trainer, valid_batches)
                 logger.log_evaluation(f"iteration {state.iteration}", state.iteration, loss,
                                       state.consumed_train_samples, "validation")
             if save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
@@ -284,22 +288,32 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     if exiting:
         print_rank_0(groups.is_main, f"exiting program at iteration {state.iteration}")
     else:
-        for dataset, split in ((valid_ds, "validation"), (test_ds, "test")):
-            if dataset is not None:
-                loss = trainer.evaluate(dataset)
-                logger.log_evaluation(f"iteration {state.iteration} on {split} set", state.iteration, loss,
-                                      state.consumed_train_samples, split)
+        if valid_batches is not None:
+            loss = _validate(trainer, valid_batches)
+            logger.log_evaluation(f"iteration {state.iteration} on validation set", state.iteration, loss,
+                                  state.consumed_train_samples, "validation")
+        if test_ds is not None:
+            loss = trainer.evaluate(micro_batches(build_loader(test_ds, cfg, groups), groups.device))
+            logger.log_evaluation(f"iteration {state.iteration} on test set", state.iteration, loss,
+                                  state.consumed_train_samples, "test")
     logger.close()
     return state
 
 
-def _take(batches: Iterator[dict], n: int) -> list[dict]:
+def _validate(trainer: Trainer, valid_batches: Iterator[dict]) -> float:
+    """One evaluation on the next validation batches; advances `consumed_valid_samples`."""
+    loss = trainer.evaluate(valid_batches)
+    trainer.state.consumed_valid_samples += trainer.cfg.training.eval_iters * trainer.cfg.training.global_batch_size
+    return loss
+
+
+def _take(batches: Iterator[dict], n: int, what: str = "training data ran out before --train-iters") -> list[dict]:
     out = []
     for _ in range(n):
         try:
             out.append(next(batches))
         except StopIteration:
-            raise RuntimeError("training data ran out before --train-iters; the dataset is too small") from None
+            raise RuntimeError(f"{what}; the dataset is too small") from None
     return out
 
 

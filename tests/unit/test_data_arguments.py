@@ -53,3 +53,14 @@ def test_cli_reports_a_missing_tokenizer_model_in_one_line(prefix):
         capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == "pretrain_gpt.py: error: --tokenizer-model: /no/such.model does not exist"
+
+
+def test_split_sizes_follow_megatron_lm(prefix):
+    from megatron.training.data import num_samples
+
+    common = f"--data-path {prefix} --vocab-size 10 --global-batch-size 4 --eval-interval 10 --eval-iters 3"
+    assert num_samples(config(f"{common} --train-iters 25")) == (100, (25 // 10 + 1) * 3 * 4, 3 * 4)
+    by_samples = config_from_args(parse_args(shlex.split(MODEL_FLAGS.replace("--train-iters 2 ", "")) +
+                                             shlex.split(f"{common} --train-samples 103")), world_size=1)
+    assert by_samples.training.train_iters == 25  # 103 // 4: no partial last batch, as Megatron-LM
+    assert num_samples(by_samples) == (103, 3 * 3 * 4, 3 * 4)

@@ -126,7 +126,7 @@ def test_failed_run_keeps_the_previous_dataset(tmp_path):
     assert {n: (tmp_path / n).read_bytes() for n in leftovers(tmp_path)} == before
 
 
-def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
+def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch, capsys):
     corpus = write_jsonl(tmp_path / "in.jsonl", [{"text": f"{i % 10}"} for i in range(50)])
     calls = []
 
@@ -136,9 +136,63 @@ def test_interrupted_run_leaves_no_dataset(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(preprocess.IndexedDatasetWriter, "add_document", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run("--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", "10")
+    assert run("--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", "10") == 130
+    assert capsys.readouterr().err == "preprocess_data.py: interrupted; nothing written\n"
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_with_workers_is_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two workers
+    tokenize: exit 130, one line, no worker tracebacks."""
+    import signal
+
+    corpus = write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 3 4 5 6 7 8"}] * 400_000)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
+                             "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+                             "--vocab-size", "10", "--workers", "2", "--log-interval", "2000"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    first = proc.stderr.readline()
+    assert first.startswith("processed 2000 documents"), first
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=60)[1]
+    lines = [line for line in rest.splitlines() if not line.startswith("processed ")]
+    assert proc.returncode == 130 and lines == ["preprocess_data.py: interrupted; nothing written"], rest
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("lines", [[], ["", "   "]])
+def test_input_without_documents_is_refused(tmp_path, capsys, lines):
+    corpus = write_jsonl(tmp_path / "in.jsonl", lines)
+    assert run("--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", "10") == 2
+    err = capsys.readouterr().err
+    assert err == f"preprocess_data.py: error: {corpus}: no documents (the file is empty or holds only blank lines); " \
+                  f"nothing written\n"
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+@pytest.mark.parametrize("text, bad", [("3 11", 11), ("-1 2", -1)])
+def test_token_id_beyond_the_vocabulary_is_refused(tmp_path, capsys, workers, text, bad):
+    lines = [json.dumps({"text": "1 2 10"})] * 5 + [json.dumps({"text": text})]  # 10 is the end of document
+    corpus = write_jsonl(tmp_path / "in.jsonl", lines)
+    assert run("--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", "10", "--workers", workers) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"preprocess_data.py: error: {corpus}:6: token id {bad} in 'text' is outside the tokenizer's "
+                   f"vocabulary of 11 ids (0..10); fix the line or the tokenizer flags; nothing written"]
+    assert leftovers(tmp_path) == []
+
+
+def test_output_prefix_under_a_regular_file_is_one_line(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2"}])
+    (tmp_path / "notadir").write_text("x")
+    assert run("--input", corpus, "--output-prefix", str(tmp_path / "notadir" / "o"), "--tokenizer-type",
+               "NullTokenizer", "--vocab-size", "10") == 2
+    err = capsys.readouterr().err
+    assert err == (f"preprocess_data.py: error: --output-prefix {tmp_path / 'notadir' / 'o'}: {tmp_path / 'notadir'} "
+                   f"is a file, not a directory; give a prefix in a writable directory\n")
     assert leftovers(tmp_path) == []
 
 

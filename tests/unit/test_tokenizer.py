@@ -31,7 +31,7 @@ def sp_model(tmp_path_factory):
 
 def test_null_tokenizer_has_megatron_semantics():
     tok = build_tokenizer("NullTokenizer", None, vocab_size=100)
-    assert tok.vocab_size == 101 and tok.eod == 100
+    assert tok.vocab_size == 101 and tok.eod == 100 and tok.pad is None
     assert tok.tokenize("3 1  4\n1") == [3, 1, 4, 1]
     assert tok.detokenize([3, 1, 4]) == "3 1 4"
     with pytest.raises(ValueError):
@@ -45,6 +45,7 @@ def test_gpt_sentencepiece_round_trips_text_exactly(sp_model):
     processor = sentencepiece.SentencePieceProcessor(model_file=sp_model)
     assert tok.vocab_size == 320 == processor.get_piece_size()
     assert tok.eod == processor.eos_id() == 2
+    assert tok.pad is None and tok.eos == 2  # the model has no pad piece
     for text in set(CORPUS):
         assert tok.tokenize(text) == processor.encode(text)
         assert tok.detokenize(tok.tokenize(text)) == text  # indentation, newlines, any Unicode
@@ -64,6 +65,7 @@ def test_sentencepiece_tokenizer_appends_megatron_special_tokens(sp_model):
     assert tok.vocab_size == 325
     assert [tok.special_tokens[t] for t in ("<CLS>", "<SEP>", "<EOD>", "<MASK>", "<PAD>")] == [320, 321, 322, 323, 324]
     assert tok.eod == 322
+    assert tok.pad == 324 and tok.eos == 2  # Megatron-LM's: <PAD>, and the model's eos piece
     assert tok.special_tokens["<s>"] == 1 and tok.special_tokens["</s>"] == 2
     ids = tok.tokenize("a = 1<EOD>b = 2")
     assert ids == gpt.tokenize("a = 1") + [322] + gpt.tokenize("b = 2")
@@ -84,10 +86,11 @@ def test_huggingface_tokenizer_from_local_files(tmp_path, monkeypatch, backend):
     hf.decoder = decoders.ByteLevel()
     hf.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"]))
     hf.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "pad_token": "<unk>"}))
     tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path))
     assert tok.vocab_size == hf.get_vocab_size(with_added_tokens=True)
-    assert tok.eod == hf.token_to_id("<|endoftext|>") == 1
+    assert tok.eod == tok.eos == hf.token_to_id("<|endoftext|>") == 1
+    assert tok.pad == hf.token_to_id("<unk>") == 0
     assert tok.tokenize(CORPUS[0]) == hf.encode(CORPUS[0]).ids
     assert tok.detokenize(tok.tokenize(CORPUS[0])) == CORPUS[0]
     # the tokenizer.json file itself also works

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from megatron.core.atomic_file import atomic_file
 from megatron.core.parallel_state import ProcessGroups
 
-CACHE_VERSION = 1
-"""Bump when the way indices are built changes, so old caches are not reused."""
+CACHE_VERSION = 2
+"""Bump when the way indices are built changes, so old caches are not reused (2: Megatron-Core
+0.16's recipe, sequences as the unit)."""
 
 
 def digest(array: np.ndarray) -> str:

@@ -12,8 +12,10 @@ Layout of the `.idx` file (all little-endian), the same bytes Megatron-LM reads 
     document index   int64[M+1] document d is sequences [index[d], index[d+1]); index[0] = 0
 
 `.bin` is the sequences' tokens back to back in the dtype above. `preprocess_data.py` writes one
-sequence per document. Files from a Megatron-LM run with sentence splitting have several
-sequences per document; here a document is always the contiguous run of its sequences' tokens.
+sequence per document. Files from a Megatron-LM run with `--split-sentences` have several
+sequences per document (a document is the contiguous run of its sequences' tokens). GPT
+datasets split, shuffle and cut *sequences*, as Megatron-Core does; the document index is
+only read back for inspection.
 
     IndexedDatasetWriter   streams documents to `.bin`, then writes the `.idx`
     IndexedDataset         memory-maps both files, validates them, serves token slices
@@ -26,6 +28,8 @@ import struct
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+
+from megatron.core.datasets.errors import DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -45,8 +49,11 @@ DTYPE_CODES: dict[int, np.dtype] = {
 CODE_OF_DTYPE: dict[np.dtype, int] = {dtype: code for code, dtype in DTYPE_CODES.items()}
 
 
-class IndexedDatasetError(ValueError):
-    """A `.bin/.idx` pair that cannot be read; the message names the file and what is wrong."""
+class IndexedDatasetError(DataError):
+    """A `.bin/.idx` pair that cannot be read: `<file>: <what is wrong>; <what to do>`."""
+
+
+REDO = "preprocess the data again (tools/preprocess_data.py) or copy the file again"
 
 
 def optimal_dtype(vocab_size: Optional[int]) -> np.dtype:
@@ -145,9 +152,9 @@ class IndexedDataset:
     Attributes (numpy arrays backed by the `.idx` map):
         sequence_lengths  int32[N]
         sequence_offsets  int64[N]   byte offsets into `.bin`
+        sequence_starts   int64[N+1] token offset of each sequence in `tokens`, plus the total
         document_index    int64[M+1]
         tokens            dtype[total tokens], the whole `.bin`
-        document_starts   int64[M]   token offset of each document in `tokens`
         document_lengths  int64[M]   tokens in each document
 
     Sequences are addressed by `dataset[i]` (as Megatron does); documents by `document(d)`.
@@ -169,7 +176,7 @@ class IndexedDataset:
         index_file, data_file = idx_path(self.prefix), bin_path(self.prefix)
         for path in (index_file, data_file):
             if not os.path.isfile(path):
-                raise IndexedDatasetError(f"{path} does not exist")
+                raise IndexedDatasetError(f"{path}: no such file; give the prefix of a .bin/.idx pair")
         header = _read_header(index_file)
         self.dtype, num_sequences, num_doc_entries = header
         index = np.memmap(index_file, dtype=np.uint8, mode="r")
@@ -181,40 +188,39 @@ class IndexedDataset:
         # Megatron's multimodal files append one int8 mode per sequence; nothing else may follow.
         if size < end:
             raise IndexedDatasetError(
-                f"{index_file} is truncated: its header promises {num_sequences} sequences and "
-                f"{num_doc_entries} document-index entries ({end} bytes) but the file has {size} bytes")
+                f"{index_file}: truncated: its header promises {num_sequences} sequences and "
+                f"{num_doc_entries} document-index entries ({end} bytes) but the file has {size} bytes; {REDO}")
         if size not in (end, end + num_sequences):
-            raise IndexedDatasetError(f"{index_file} is corrupt: {size - end} unexpected bytes after the document index")
+            raise IndexedDatasetError(
+                f"{index_file}: corrupt: {size - end} unexpected bytes after the document index; {REDO}")
         self.sequence_lengths = index[lengths_at:offsets_at].view("<i4")
         self.sequence_offsets = index[offsets_at:documents_at].view("<i8")
         self.document_index = index[documents_at:end].view("<i8")
-        self._sequence_starts = sequence_starts(self.sequence_lengths)
-        """Token offset of each sequence, plus the total: int64[N+1]."""
+        self.sequence_starts = sequence_starts(self.sequence_lengths)
         self._validate_index(index_file)
-        total_tokens = int(self._sequence_starts[-1])
+        total_tokens = int(self.sequence_starts[-1])
         expected = total_tokens * self.dtype.itemsize
         actual = os.path.getsize(data_file)
         if actual != expected:
             what = "truncated" if actual < expected else "larger than its index says"
             raise IndexedDatasetError(
-                f"{data_file} is {what}: {index_file} describes {total_tokens} tokens of {self.dtype} "
-                f"({expected} bytes) but the file has {actual} bytes; preprocess the data again")
+                f"{data_file}: {what}: {os.path.basename(index_file)} describes {total_tokens} tokens of "
+                f"{self.dtype} ({expected} bytes) but the file has {actual} bytes; {REDO}")
         self.tokens = (np.memmap(data_file, dtype=self.dtype, mode="r") if total_tokens
                        else np.empty(0, dtype=self.dtype))
-        self.document_starts = self._sequence_starts[self.document_index[:-1]]
-        """int64[M]: token offset of each document in `tokens`."""
-        self.document_lengths = np.diff(self._sequence_starts[self.document_index])
+        self.document_lengths = np.diff(self.sequence_starts[self.document_index])
         """int64[M]: tokens in each document (the sum of its sequences)."""
 
     def _validate_index(self, index_file: str) -> None:
         lengths, offsets, documents = self.sequence_lengths, self.sequence_offsets, self.document_index
         if len(lengths) and lengths.min() < 0:
-            raise IndexedDatasetError(f"{index_file} is corrupt: negative sequence length")
-        if not np.array_equal(offsets, self._sequence_starts[:-1] * self.dtype.itemsize):
-            raise IndexedDatasetError(f"{index_file} is corrupt: sequence byte offsets do not follow the lengths")
+            raise IndexedDatasetError(f"{index_file}: corrupt: negative sequence length; {REDO}")
+        if not np.array_equal(offsets, self.sequence_starts[:-1] * self.dtype.itemsize):
+            raise IndexedDatasetError(f"{index_file}: corrupt: sequence byte offsets do not follow the lengths; {REDO}")
         if len(documents) == 0 or documents[0] != 0 or documents[-1] != len(lengths) or np.any(np.diff(documents) < 0):
             raise IndexedDatasetError(
-                f"{index_file} is corrupt: the document index must rise from 0 to the sequence count ({len(lengths)})")
+                f"{index_file}: corrupt: the document index must rise from 0 to the sequence count "
+                f"({len(lengths)}); {REDO}")
 
     # ------------------------------------------------------------------ sizes
     def __len__(self) -> int:
@@ -227,7 +233,7 @@ class IndexedDataset:
 
     @property
     def num_tokens(self) -> int:
-        return int(self._sequence_starts[-1])
+        return int(self.sequence_starts[-1])
 
     # ------------------------------------------------------------------ access
     def __getitem__(self, i: int) -> np.ndarray:
@@ -235,7 +241,7 @@ class IndexedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sequence {i} out of range for {len(self)} sequences in {self.prefix}")
         i %= len(self)
-        return self.tokens[self._sequence_starts[i]:self._sequence_starts[i + 1]]
+        return self.tokens[self.sequence_starts[i]:self.sequence_starts[i + 1]]
 
     def get(self, i: int, offset: int = 0, length: Optional[int] = None) -> np.ndarray:
         """`length` tokens of sequence i from `offset` (Megatron's `get`)."""
@@ -245,7 +251,7 @@ class IndexedDataset:
     def document(self, d: int) -> np.ndarray:
         """Tokens of document d, all its sequences back to back."""
         first, last = self.document_index[d], self.document_index[d + 1]
-        return self.tokens[self._sequence_starts[first]:self._sequence_starts[last]]
+        return self.tokens[self.sequence_starts[first]:self.sequence_starts[last]]
 
 
 def _read_header(index_file: str) -> tuple[np.dtype, int, int]:
@@ -254,16 +260,20 @@ def _read_header(index_file: str) -> tuple[np.dtype, int, int]:
         head = f.read(HEADER_BYTES)
     if not head.startswith(MAGIC):
         if MAGIC.startswith(head):
-            raise IndexedDatasetError(f"{index_file} is truncated: {len(head)} bytes, shorter than the header")
+            raise IndexedDatasetError(f"{index_file}: truncated: {len(head)} bytes, shorter than the header; {REDO}")
         raise IndexedDatasetError(
-            f"{index_file} is not a Megatron indexed dataset (.idx magic {head[:len(MAGIC)]!r}, expected {MAGIC!r})")
+            f"{index_file}: not a Megatron indexed dataset (magic {head[:len(MAGIC)]!r}, expected {MAGIC!r}); "
+            f"give the .idx written with its .bin by tools/preprocess_data.py or Megatron-LM")
     if len(head) < HEADER_BYTES:
-        raise IndexedDatasetError(f"{index_file} is truncated: {len(head)} bytes, shorter than the {HEADER_BYTES}-byte header")
+        raise IndexedDatasetError(
+            f"{index_file}: truncated: {len(head)} bytes, shorter than the {HEADER_BYTES}-byte header; {REDO}")
     (version,) = struct.unpack("<Q", head[9:17])
     if version != VERSION:
-        raise IndexedDatasetError(f"{index_file} has index version {version}; only version {VERSION} is known")
+        raise IndexedDatasetError(
+            f"{index_file}: index version {version}; only version {VERSION} is known; {REDO}")
     code = head[17]
     if code not in DTYPE_CODES:
-        raise IndexedDatasetError(f"{index_file} is corrupt: unknown dtype code {code}")
+        raise IndexedDatasetError(
+            f"{index_file}: corrupt: unknown dtype code {code} (known: {sorted(DTYPE_CODES)}); {REDO}")
     num_sequences, num_doc_entries = struct.unpack("<QQ", head[18:34])
     return DTYPE_CODES[code], num_sequences, num_doc_entries

@@ -3,6 +3,9 @@
 Every tokenizer has
     vocab_size           int, the unpadded number of ids
     eod                  int, the end-of-document id (`--append-eod`, `--eod-mask-loss`)
+    pad                  int or None, the padding id Megatron-Core's tokenizer reports (GPT
+                         datasets drop the loss where the label is this id; see gpt_dataset)
+    eos                  int or None, the end-of-sentence id (None where there is none)
     tokenize(text)       -> list[int]
     detokenize(ids)      -> str
 
@@ -28,6 +31,8 @@ TOKENIZER_TYPES = (
 class Tokenizer(Protocol):
     vocab_size: int
     eod: int
+    pad: Optional[int]
+    eos: Optional[int]
 
     def tokenize(self, text: str) -> list[int]: ...
 

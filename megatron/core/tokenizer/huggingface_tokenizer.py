@@ -7,7 +7,8 @@ library reads `tokenizer.json`. Either way nothing is downloaded, and `tokenize`
 special tokens the tokenizer's post-processor adds (as `AutoTokenizer(text).input_ids` does).
 
 The end of document is the tokenizer's eos token: `eos_token` in `tokenizer_config.json`, or
-else the first of a few common names present in the vocabulary.
+else the first of a few common names present in the vocabulary. `pad` is the `pad_token`'s id
+(None without one), as Megatron-LM reads it.
 """
 
 from __future__ import annotations
@@ -28,11 +29,15 @@ class HuggingFaceTokenizer:
         if self._auto is not None:
             self.vocab_size = len(self._auto)
             eos = self._auto.eos_token
+            self.pad = self._auto.pad_token_id
         else:
             self._fast = _tokenizers_file(os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path)
             self.vocab_size = self._fast.get_vocab_size(with_added_tokens=True)
-            eos = _configured_eos(directory)
+            eos = _configured_token(directory, "eos_token")
+            pad = _configured_token(directory, "pad_token")
+            self.pad = self._fast.token_to_id(pad) if pad else None
         self._eod = self._resolve_eos(eos)
+        self.eos = self._eod
 
     def _token_id(self, token: str) -> Optional[int]:
         if self._fast is not None:
@@ -88,11 +93,11 @@ def _tokenizers_file(json_file: str):
         raise ValueError(f"--tokenizer-model: cannot read {json_file} ({e})") from None
 
 
-def _configured_eos(directory: str) -> Optional[str]:
-    """`eos_token` from tokenizer_config.json (a string or {"content": ...}), if any."""
+def _configured_token(directory: str, key: str) -> Optional[str]:
+    """`key` (eos_token, pad_token) from tokenizer_config.json (a string or {"content": ...}), if any."""
     config = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(config):
         return None
     with open(config) as f:
-        eos = json.load(f).get("eos_token")
-    return eos.get("content") if isinstance(eos, dict) else eos
+        token = json.load(f).get(key)
+    return token.get("content") if isinstance(token, dict) else token

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 
 class NullTokenizer:
+    pad = None
+    """No padding id (Megatron's NullTokenizer has none)."""
+    eos = None
+
     def __init__(self, vocab_size: int):
         self.eod = int(vocab_size)
         self.vocab_size = int(vocab_size) + 1

@@ -24,13 +24,16 @@ def _load(model_file: str) -> sentencepiece.SentencePieceProcessor:
 
 
 class GPTSentencePieceTokenizer:
-    """Plain SentencePiece ids; `eod` is the model's eos id."""
+    """Plain SentencePiece ids; `eod` is the model's eos id; `pad` the model's pad id (None when
+    the model has no pad piece, SentencePiece's default)."""
 
     def __init__(self, model_file: str):
         self.processor = _load(model_file)
         self.vocab_size = self.processor.get_piece_size()
-        self.eod = self.processor.eos_id()
+        self.eod = self.eos = self.processor.eos_id()
         self.bos = self.processor.bos_id()
+        pad = self.processor.pad_id()
+        self.pad = pad if pad >= 0 else None
 
     def tokenize(self, text: str) -> list[int]:
         return self.processor.encode(text)
@@ -67,6 +70,8 @@ class SentencePieceTokenizer:
         self.special_pieces = {i: name for name, i in self.special_tokens.items()}
         self.vocab_size = len(vocab)
         self.eod = self.special_tokens["<EOD>"]
+        self.pad = self.special_tokens[special_names[4]]
+        self.eos = self.special_tokens[special_names[6]]
 
     def tokenize(self, text: str) -> list[int]:
         """SentencePiece ids of the text between special tokens, which map to their own ids."""
