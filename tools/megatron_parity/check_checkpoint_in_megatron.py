@@ -237,15 +237,24 @@ def _megatron_lm_check_args(args) -> dict:
 
 
 def mcore_save(work: str, experts: str) -> None:
+    _megatron_init(29542)
+    torch.manual_seed(1234)
+    model = megatron_model(experts)
+    save_megatron_checkpoint(model, _path(work, f"mcore_{experts}"), experts, MEGATRON_ITERATION,
+                             MEGATRON_ITERATION * SHAPE["batch"] + 6)
+    with open(_path(work, f"mcore_{experts}_loss.json"), "w") as f:
+        json.dump({"loss": megatron_loss(model, torch.load(_path(work, "batch.pt")))}, f)
+
+
+def save_megatron_checkpoint(model, root: str, experts: str, iteration: int, consumed_train_samples: int,
+                             **args_overrides) -> None:
+    """`model` saved as Megatron-LM saves a legacy checkpoint of iteration `iteration` into `root`."""
     import random
 
     import numpy as np
     from megatron.core.enums import ModelType
     from megatron.core.transformer.enums import AttnBackend
 
-    _megatron_init(29542)
-    torch.manual_seed(1234)
-    model = megatron_model(experts)
     s = SHAPE
     args = argparse.Namespace(  # what Megatron-LM's args hold for this model (its attribute names)
         num_layers=s["num_layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"], group_query_attention=True,
@@ -256,22 +265,19 @@ def mcore_save(work: str, experts: str) -> None:
         moe_ffn_hidden_size=s["moe_ffn"], moe_router_topk=s["topk"], moe_layer_freq=[0, 1],
         moe_shared_expert_intermediate_size=_shared(experts), moe_grouped_gemm=experts == "grouped",
         transformer_impl="local", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        expert_model_parallel_size=1, consumed_train_samples=MEGATRON_ITERATION * s["batch"] + 6,
+        expert_model_parallel_size=1, consumed_train_samples=consumed_train_samples,
         consumed_valid_samples=0, attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
-        params_dtype=torch.float32, ckpt_format="torch")
+        params_dtype=torch.float32, ckpt_format="torch", **args_overrides)
     rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}
-    payload = {"args": args, "checkpoint_version": 3.0, "iteration": MEGATRON_ITERATION,
+    payload = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
                "model": model.state_dict_for_save_checkpoint(), "rng_state": [rng],
                "num_floating_point_operations_so_far": 0}
-    root = _path(work, f"mcore_{experts}")
-    directory = _path(root, f"iter_{MEGATRON_ITERATION:07d}", "mp_rank_00")
+    directory = _path(root, f"iter_{iteration:07d}", "mp_rank_00")
     os.makedirs(directory, exist_ok=True)
     torch.save(payload, _path(directory, "model_optim_rng.pt"))
     with open(_path(root, "latest_checkpointed_iteration.txt"), "w") as f:
-        f.write(str(MEGATRON_ITERATION))
-    with open(_path(work, f"mcore_{experts}_loss.json"), "w") as f:
-        json.dump({"loss": megatron_loss(model, torch.load(_path(work, "batch.pt")))}, f)
+        f.write(str(iteration))
 
 
 # ============================================================================ both sides
