@@ -15,7 +15,7 @@ from typing import Optional
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-Experts settings (Megatron-Core semantics; see DESIGN.md 5.1)."""
+    """Mixture-of-Experts settings (Megatron-Core semantics; see docs/architecture.md)."""
 
     num_experts: int
     """Total experts per MoE layer (`--num-experts`)."""

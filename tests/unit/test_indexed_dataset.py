@@ -19,7 +19,7 @@ from megatron.core.datasets.indexed_dataset import (
 
 
 def hand_built_idx(dtype_code: int, itemsize: int, sequence_lengths: list[int], document_index: list[int]) -> bytes:
-    """The `.idx` bytes, spelled out field by field from the format description (DESIGN.md 5.3)."""
+    """The `.idx` bytes, spelled out field by field from the format description (docs/architecture.md)."""
     out = b"MMIDIDX\x00\x00"
     out += (1).to_bytes(8, "little")  # version
     out += bytes([dtype_code])
