@@ -406,7 +406,8 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
     ck = cfg.checkpoint
     if ck.finetune:
         return
-    trainer.state.iteration = int(common["iteration"])
+    # Megatron-LM's own fallbacks: older files name it `total_iters`; a release checkpoint may have neither.
+    trainer.state.iteration = int(common.get("iteration", common.get("total_iters", 0)))
     ts = common.get("train_state")
     megatron_args = common.get("args")
     valid = None

@@ -16,6 +16,7 @@ from megatron.core.parallel_state import ProcessGroups
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets, build_loader, micro_batches
 from megatron.training.model_checkpoint import load_training_checkpoint
+from megatron.training.safe_load import load_file, save_file
 from megatron.training.train import Trainer, pretrain
 from tests.functional.test_training import losses_from
 from tests.helpers import TINY_FLAGS, make_config
@@ -209,3 +210,20 @@ def test_convert_reads_megatron_lm_checkpoints(tmp_path):
     expected = read_safetensors(tmp_path / "ours_hf" / "model-00001-of-00001.safetensors")
     written = read_safetensors(tmp_path / "megatron_hf" / "model-00001-of-00001.safetensors")
     assert sorted(written) == sorted(expected) and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_megatron_release_checkpoint_without_iteration_loads_at_zero(tmp_path, native):
+    """Megatron-LM's `release/` layout; a payload without `iteration` starts at 0, as Megatron-LM does."""
+    _, ours = native
+    args = megatron_lm_args(make_config(FLAGS), 0, 0)
+    write_megatron_checkpoint(str(tmp_path), 0, [megatron_model_state(ours, "sequential", False)], args,
+                              with_optimizer=False)
+    os.rename(tmp_path / "iter_0000000", tmp_path / "release")
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("release")
+    path = tmp_path / "release" / "mp_rank_00" / "model_optim_rng.pt"
+    payload = load_file(str(path))
+    del payload["iteration"]
+    save_file(payload, str(path))
+    trainer, _ = loaded(f"--load {tmp_path} --no-load-optim")
+    assert trainer.state.iteration == 0
+    assert all(torch.equal(v, ours[k]) for k, v in trainer.model.state_dict().items())
