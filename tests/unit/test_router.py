@@ -74,17 +74,8 @@ def test_zero_scaling_factor_is_ignored_as_in_megatron():
     torch.testing.assert_close(r(x, 6).probs_TK, torch.softmax(torch.topk(x @ r.weight.t(), 2).values, -1))
 
 
-# ------------------------------------------------------------------ refusals (as Megatron-Core refuses)
-
-@pytest.mark.parametrize("extra, flag", [
-    ("--moe-router-topk 1", "--moe-router-pre-softmax"),
-    ("--moe-router-enable-expert-bias", "--moe-router-score-function sigmoid"),
-    ("--moe-router-enable-expert-bias --moe-router-pre-softmax", "--moe-router-enable-expert-bias"),
-])
-def test_refused_combinations_name_the_flags(extra, flag):
-    with pytest.raises(ValueError, match=flag):
-        make_config(f"--num-experts {E} " + extra)
-
+# ------------------------------------------------------------------ accepted as Megatron-Core accepts them
+# (the refusals are in tests/unit/test_arguments.py BAD_INPUTS)
 
 def test_accepted_combinations():
     make_config(f"--num-experts {E} --moe-router-topk 1 --moe-router-pre-softmax")
