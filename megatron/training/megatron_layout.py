@@ -146,7 +146,7 @@ def _experts_to_megatron(state: Mapping[str, Tensor], p: str, experts: str) -> d
             raise ValueError(f"{p}: Megatron-Core's GroupedMLP (--transformer-impl local --moe-grouped-gemm) has "
                              "no expert biases; save with --transformer-impl transformer_engine or without "
                              "--moe-grouped-gemm")
-        E, D = w1.shape[0], w1.shape[1]
+        D = w1.shape[1]
         return {f"{p}.weight1": w1.contiguous().view(D, -1), f"{p}.weight2": w2.contiguous().view(-1, D)}
     names = PER_EXPERT_NAMES[experts]
     out = {}

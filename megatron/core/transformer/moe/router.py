@@ -261,10 +261,9 @@ class TopKRouter(Router):
             counts_E = counts_E.clone()
             dist.all_reduce(counts_E, group=self.dp_group)
             num_tokens *= dist.get_world_size(self.dp_group)
-        if self.recomputing:  # the first forward already counted this micro-batch
-            return self.step_counts_E / self.step_micro_batches, num_tokens
-        self.step_counts_E += counts_E
-        self.step_micro_batches += 1
+        if not self.recomputing:  # a recomputed forward's micro-batch was counted by the first one
+            self.step_counts_E += counts_E
+            self.step_micro_batches += 1
         return self.step_counts_E / self.step_micro_batches, num_tokens
 
     def start_step(self) -> None:
