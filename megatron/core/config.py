@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron.core.pipeline_parallel.layout import PipelineLayout
+
 
 @dataclass
 class MoEConfig:
@@ -128,7 +130,23 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     """Tensor parallelism; only 1 for now (`--tensor-model-parallel-size`)."""
     pipeline_model_parallel_size: int = 1
-    """Pipeline parallelism; only 1 for now (`--pipeline-model-parallel-size`)."""
+    """Pipeline stages the layers are split into, P; the outermost mesh dimension
+    (`--pipeline-model-parallel-size`)."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank, V, for the interleaved 1F1B schedule
+    (`--virtual-pipeline-model-parallel-size`); None for plain 1F1B."""
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    """Layers per model chunk; another way to set V (`--num-layers-per-virtual-pipeline-stage`)."""
+    decoder_first_pipeline_num_layers: Optional[int] = None
+    """Layers of the first pipeline stage when uneven (`--decoder-first-pipeline-num-layers`)."""
+    decoder_last_pipeline_num_layers: Optional[int] = None
+    """Layers of the last pipeline stage when uneven (`--decoder-last-pipeline-num-layers`)."""
+    account_for_embedding_in_pipeline_split: bool = False
+    """Count the embedding as a layer when splitting, so the first stage holds one layer less
+    (`--account-for-embedding-in-pipeline-split`)."""
+    account_for_loss_in_pipeline_split: bool = False
+    """Count the output layer and loss as a layer, so the last stage holds one layer less
+    (`--account-for-loss-in-pipeline-split`)."""
     distributed_backend: Optional[str] = None
     """`nccl` or `gloo`; None picks nccl on CUDA and gloo on CPU (`--distributed-backend`)."""
     distributed_timeout_minutes: float = 10.0
@@ -143,6 +161,15 @@ class ParallelConfig:
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    def pipeline_layout(self, num_layers: int) -> PipelineLayout:
+        """Which layers each (virtual) pipeline stage holds; ValueError naming the flag if they do not split."""
+        return PipelineLayout.build(num_layers, self.pipeline_model_parallel_size,
+                                    self.virtual_pipeline_model_parallel_size,
+                                    self.num_layers_per_virtual_pipeline_stage,
+                                    self.decoder_first_pipeline_num_layers, self.decoder_last_pipeline_num_layers,
+                                    self.account_for_embedding_in_pipeline_split,
+                                    self.account_for_loss_in_pipeline_split)
 
 
 @dataclass
@@ -371,13 +398,15 @@ def validate(cfg: Config) -> None:
         _validate_moe(m.moe, m, p)
     if p.tensor_model_parallel_size != 1:
         raise ValueError("--tensor-model-parallel-size > 1 is not supported yet; use 1")
-    if p.pipeline_model_parallel_size != 1:
-        raise ValueError("--pipeline-model-parallel-size > 1 is not supported yet; use 1")
-    if p.world_size % p.expert_model_parallel_size:
-        raise ValueError(
-            f"world size ({p.world_size}) must be divisible by --expert-model-parallel-size "
-            f"({p.expert_model_parallel_size})"
-        )
+    _positive(p.pipeline_model_parallel_size, "--pipeline-model-parallel-size")
+    stage_ranks = p.world_size // p.pipeline_model_parallel_size
+    if p.world_size % p.pipeline_model_parallel_size:
+        raise ValueError(f"world size ({p.world_size}) must be divisible by --pipeline-model-parallel-size "
+                         f"({p.pipeline_model_parallel_size})")
+    if stage_ranks % p.expert_model_parallel_size:
+        per_stage = f" / --pipeline-model-parallel-size = {stage_ranks}" if p.pipeline_model_parallel_size > 1 else ""
+        raise ValueError(f"world size ({p.world_size}){per_stage} must be divisible by "
+                         f"--expert-model-parallel-size ({p.expert_model_parallel_size})")
     if p.expert_model_parallel_size > 1 and m.moe is None:
         raise ValueError("--expert-model-parallel-size > 1 needs --num-experts")
     if p.distributed_backend not in (None, "nccl", "gloo"):
@@ -390,6 +419,7 @@ def validate(cfg: Config) -> None:
         )
     if t.bf16 and t.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive; pick one")
+    _validate_pipeline(cfg)
     _validate_recompute(t, m.num_layers)
     if o.lr < 0 or o.min_lr < 0 or o.min_lr > o.lr:
         raise ValueError(f"need 0 <= --min-lr ({o.min_lr}) <= --lr ({o.lr})")
@@ -413,6 +443,24 @@ def validate(cfg: Config) -> None:
             and m.add_bias_linear and cfg.checkpoint.transformer_impl == "local"):
         raise ValueError("--moe-grouped-gemm with --transformer-impl local writes Megatron-Core's GroupedMLP, which "
                          "has no expert biases: add --disable-bias-linear, or use --transformer-impl transformer_engine")
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    p = cfg.parallel
+    layout = p.pipeline_layout(cfg.model.num_layers)
+    if layout.num_stages == 1:
+        return
+    n, P = cfg.num_microbatches, layout.num_stages
+    if n < P:
+        raise ValueError(f"--pipeline-model-parallel-size {P} needs at least {P} micro-batches per step, got {n} "
+                         "(--global-batch-size / (--micro-batch-size x data-parallel size)); raise --global-batch-size")
+    if layout.num_chunks > 1 and n % (n // P):
+        raise ValueError(f"the interleaved schedule runs micro-batches in rounds of {P} (the pipeline size): "
+                         f"{n} micro-batches per step do not split into {n // P} equal rounds; "
+                         f"use a multiple of {P} (--global-batch-size)")
+    if cfg.checkpoint.ckpt_format == "torch" and cfg.checkpoint.save is not None:
+        raise ValueError("--ckpt-format torch is not written at --pipeline-model-parallel-size > 1 yet; "
+                         "use --ckpt-format torch_dist")
 
 
 def _validate_recompute(t: TrainingConfig, num_layers: int) -> None:

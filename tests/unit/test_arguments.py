@@ -69,6 +69,8 @@ def test_moe_layer_freq_forms():
 
 
 BAD_INPUTS = [
+    ("--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size"),
+    ("--virtual-pipeline-model-parallel-size 2", "--pipeline-model-parallel-size > 1"),
     ("--moe-router-topk 5", "--moe-router-topk"),
     ("--hidden-size 30", "--num-attention-heads"),
     ("--num-query-groups 3", "--num-query-groups"),
