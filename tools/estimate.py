@@ -1,50 +1,234 @@
 """Back-of-the-envelope model of an MoE run: parameters, memory, FLOPs, all-to-all volume, step time.
 
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 8 --gpus-per-node 8
+    python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 4 --pipeline-model-parallel-size 4
+    python tools/estimate.py --config configs/mixtral_8x7b.yaml --fit 76      # smallest world that fits
     python tools/estimate.py --config configs/tiny_moe.yaml --gpus-per-node 4 --expert-model-parallel-size 4 \
         --tflops 0.05 --intra-node-gbps 8 --alpha-us 200          # a CPU/gloo-sized "device"
 
-Any training flag can follow (they override the config). The model:
+Any training flag can follow (they override the config), the pipeline ones included
+(`--pipeline-model-parallel-size`, `--virtual-pipeline-model-parallel-size`, ...). The model:
 
-* compute: training FLOPs per token (docs/architecture.md) x tokens per GPU / achieved TFLOP/s;
+* layout: ranks ordered tp-cp-ep-dp-pp (TP = CP = 1), so P pipeline stages are outermost,
+  DP = world / P, experts split over EP inside a stage, EDP = DP / EP. Stage r holds the layers
+  of `pipeline_layout(L).rank_layers(r)`; the embedding lives on the first stage, the output
+  layer on the last; with tied embeddings and P > 1 the last stage keeps its own copy of the
+  V x D word embedding (weights, gradients and optimizer state). Norms, biases and a learned
+  position table are not counted.
+* bytes per parameter (weights + gradients + optimizer):
+  fp32: 4 + 4 + 8 (AdamW moments) = 16;
+  --bf16 / --fp16: 2 (half weights) + 4 (fp32 main_grad) + 12 (fp32 main weights + 2 moments) = 18;
+  --use-distributed-optimizer divides the optimizer part by DP (dense) or EDP (experts).
+* compute: per stage, 6 x its active parameters (+ the output layer on the last stage) plus
+  12 S D per layer of attention, times the tokens of one data-parallel rank, / achieved TFLOP/s;
+  the slowest stage sets the pace. For P = 1 this is training FLOPs per token x tokens per GPU.
+  Recompute adds the forward FLOPs it re-runs to the time (not to MFU's model FLOPs);
 * all-to-all (alltoall dispatcher): per MoE layer and micro-batch, each rank sends and receives
   T*K*D*b*(EP-1)/EP bytes for dispatch and again for combine, and the backward pass repeats
-  both: 4 exchanges. Time = bytes / bandwidth + alpha * (EP - 1) per exchange, with the
+  both: 4 exchanges (6 where recompute re-runs the layer's forward). Time = bytes / bandwidth + alpha * (EP - 1) per exchange, with the
   inter-node bandwidth once the EP group spans nodes;
+* pipeline bubble: idle fraction (P-1) / (V*m + P-1) for m micro-batches per step and V model
+  chunks per rank (V = 1: plain 1F1B, (P-1)/(m+P-1)). The work of the slowest stage (compute
+  and all-to-all, both per micro-batch on the critical path) is divided by (1 - bubble);
+* pipeline P2P: per micro-batch and model chunk, T*D*b bytes forward and again backward to the
+  neighbour stage (inter-node once a stage spans a node or more), added to the step;
 * gradient reduction: ring all-reduce (or reduce-scatter + all-gather) of 2 * (n-1)/n of the
-  gradient bytes over the data-parallel groups, assumed overlapped unless --no-overlap;
-* memory: weights, fp32 gradients, AdamW moments (sharded over DP with the distributed
-  optimizer), and a rough activation estimate.
-benchmarks/SCALING.md compares its prediction with the measured CPU weak scaling.
+  fp32 gradient bytes over the data-parallel groups, assumed overlapped unless --no-overlap;
+* activations (b = 2 bytes with --bf16/--fp16, else 4), per layer and micro-batch of T tokens:
+  34 T D b/2 (Korthikanti et al., attention and norms; in an MoE layer its dense-MLP share
+  stands in for the router, permutation and all-to-all buffers) plus, in an MoE layer, the
+  expert FFN inputs kept for backward: K T (D + 3 F_e) b with SwiGLU (fc1 input, fc1 output
+  2 F_e, activation output F_e), K T (D + 2 F_e) b without, and the same for a shared expert
+  with K = 1. `--recompute-granularity full` keeps only the input (T D b) of each recomputed
+  run of layers plus one run's activations while it is recomputed; `--moe-layer-recompute`
+  drops the expert term. Selective recompute is not modelled (attention uses SDPA, whose
+  S x S scores are never stored, so there is little left to save).
+* in-flight micro-batches: stage r of 1F1B holds min(P - r, m) micro-batches of activations of
+  all its layers. The interleaved schedule warms up with 2 (P - r - 1) + (V - 1) P chunk-micro-
+  batches and then keeps one more in flight, so stage r holds
+  min(m V, 2 (P - r - 1) + (V - 1) P + 1) chunk-micro-batches, each 1/V of its layers
+  (first stage: about (1 + (P - 1) / (P V)) times 1F1B's).
+* last stage: the fused output layer + cross-entropy keeps its fp32 output-weight gradient
+  (V x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at most
+  2^27 fp32 elements; the [T, V] logits are never materialised.
+Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
+measured CPU weak scaling.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
+from megatron.core.config import validate  # noqa: E402
 from megatron.training.arguments import config_from_args, parse_args  # noqa: E402
-from megatron.training.flops import active_params_per_layer, training_flops_per_token  # noqa: E402
+from megatron.training.flops import active_params_per_layer, ffn_params, training_flops_per_token  # noqa: E402
+
+GIB = 2**30
+LOGITS_CHUNK = 2**27  # logits elements per chunk of the fused cross-entropy on a GPU
+
+
+# ---------------------------------------------------------------- parameters and bytes per parameter
+
+def expert_params_per_layer(model, layer: int) -> int:
+    """All routed experts of `layer` (0 for a dense layer), EP = 1."""
+    moe = model.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return 0
+    return moe.num_experts * ffn_params(model, moe.ffn_hidden_size)
+
+
+def dense_params_per_layer(model, layer: int) -> int:
+    """Parameters of `layer` that every expert-parallel rank holds (attention, router, dense/shared FFN)."""
+    moe = model.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return active_params_per_layer(model, layer)
+    return active_params_per_layer(model, layer) - moe.router_topk * ffn_params(model, moe.ffn_hidden_size)
 
 
 def total_params(model) -> tuple[int, int, int]:
-    """(total, expert, non-expert) parameters of the whole model (EP = 1)."""
+    """(total, expert, non-expert) parameters of the whole model (EP = 1, one embedding copy if tied)."""
     D, V = model.hidden_size, model.vocab_size
     embed = D * V * (1 if not model.untie_embeddings_and_output_weights else 2)
-    expert = dense = 0
-    for layer in range(model.num_layers):
-        active = active_params_per_layer(model, layer)
-        moe = model.moe
-        if moe is not None and moe.is_moe_layer(layer):
-            per_expert = D * moe.ffn_hidden_size * (3 if model.swiglu else 2)
-            expert += moe.num_experts * per_expert
-            dense += active - moe.router_topk * per_expert
-        else:
-            dense += active
+    expert = sum(expert_params_per_layer(model, i) for i in range(model.num_layers))
+    dense = sum(dense_params_per_layer(model, i) for i in range(model.num_layers))
     return embed + dense + expert, expert, embed + dense
+
+
+def precision_bytes(training) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer) bytes per parameter before sharding: fp32 16, bf16/fp16 18."""
+    if training.bf16 or training.fp16:
+        return 2, 4, 12
+    return 4, 4, 8
+
+
+def stage_params(model, layout, r: int) -> tuple[int, int]:
+    """(dense, expert) parameters of pipeline stage r; expert counts all experts (divide by EP)."""
+    layers = layout.rank_layers(r)
+    dense = sum(dense_params_per_layer(model, i) for i in layers)
+    expert = sum(expert_params_per_layer(model, i) for i in layers)
+    D, V = model.hidden_size, model.vocab_size
+    first, last = r == 0, r == layout.num_stages - 1
+    if first:
+        dense += D * V  # word embedding
+    if last and (model.untie_embeddings_and_output_weights or not first):
+        dense += D * V  # output layer, or the tied embedding's copy on the last stage
+    return dense, expert
+
+
+# ---------------------------------------------------------------- pipeline schedule
+
+def bubble_fraction(P: int, V: int, m: int) -> float:
+    """Idle fraction of a step: (P-1) / (V*m + P-1); V = 1 is plain 1F1B."""
+    return (P - 1) / (V * m + P - 1)
+
+
+def inflight_chunks(P: int, V: int, m: int, r: int) -> int:
+    """Chunk-micro-batches whose activations stage r holds at its peak (each chunk = 1/V of its layers)."""
+    if V == 1:
+        return min(P - r, m)
+    return min(m * V, 2 * (P - r - 1) + (V - 1) * P + 1)
+
+
+# ---------------------------------------------------------------- activations
+
+def layer_activation_bytes(model, layer: int, T: int, b: int, moe_recompute: bool = False) -> float:
+    """Activations one layer keeps for backward for a micro-batch of T tokens."""
+    D = model.hidden_size
+    act = 34 * T * D * b / 2
+    moe = model.moe
+    if moe is not None and moe.is_moe_layer(layer) and not moe_recompute:
+        per_token = 3 if model.swiglu else 2
+        act += moe.router_topk * T * (D + per_token * moe.ffn_hidden_size) * b
+        if moe.shared_expert_ffn_hidden_size:
+            act += T * (D + per_token * moe.shared_expert_ffn_hidden_size) * b
+    return act
+
+
+def chunk_activation_bytes(model, layers: list[int], T: int, b: int, training) -> tuple[float, float]:
+    """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute flags."""
+    full = [layer_activation_bytes(model, i, T, b, training.moe_layer_recompute) for i in layers]
+    if training.recompute_granularity != "full" or not layers:
+        return sum(full), 0.0
+    n = training.recompute_num_layers or 1
+    if training.recompute_method == "block":
+        k = min(n, len(layers))
+        return k * T * model.hidden_size * b + sum(full[k:]), max(full[:k], default=0.0)
+    runs = [full[i:i + n] for i in range(0, len(layers), n)]
+    return len(runs) * T * model.hidden_size * b, max(sum(run) for run in runs)
+
+
+def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
+    m, t = cfg.model, cfg.training
+    P, V, mb = layout.num_stages, layout.num_chunks, cfg.num_microbatches
+    T = t.micro_batch_size * m.seq_length
+    chunks = [chunk_activation_bytes(m, list(layout.layers(k)), T, b, t) for k in layout.virtual_stages(r)]
+    per_chunk = sum(kept for kept, _ in chunks) / V
+    act = inflight_chunks(P, V, mb, r) * per_chunk + max(transient for _, transient in chunks)
+    if r == P - 1:  # fused output layer + loss
+        inflight_last = inflight_chunks(P, V, mb, r) / V
+        act += inflight_last * (m.vocab_size * m.hidden_size * 4 + T * m.hidden_size * b)
+        act += min(T * m.vocab_size, LOGITS_CHUNK) * 4
+    return act
+
+
+# ---------------------------------------------------------------- per-stage memory and time
+
+def stage_memory(cfg, layout, r: int) -> dict:
+    """Bytes of weights, gradients, optimizer state and activations on one GPU of stage r."""
+    p, t = cfg.parallel, cfg.training
+    ep = p.expert_model_parallel_size
+    dp = p.data_parallel_size
+    edp = dp // ep
+    dense, expert = stage_params(cfg.model, layout, r)
+    local = dense + expert / ep
+    w, g, o = precision_bytes(t)
+    shard, shard_e = (dp, edp) if p.use_distributed_optimizer else (1, 1)
+    b = 2 if (t.bf16 or t.fp16) else 4
+    return {"stage": r, "params": local, "weights": w * local, "grads": g * local,
+            "optimizer": o * (dense / shard + expert / ep / shard_e),
+            "activations": stage_activation_bytes(cfg, layout, r, b)}
+
+
+def stage_flops_per_token(model, layout, r: int) -> float:
+    """Training FLOPs per token of stage r (sums to training_flops_per_token over stages)."""
+    S, D = model.seq_length, model.hidden_size
+    layers = layout.rank_layers(r)
+    flops = sum(6.0 * active_params_per_layer(model, i) + 12 * S * D for i in layers)
+    if r == layout.num_stages - 1:
+        flops += 6.0 * D * model.vocab_size
+    return flops
+
+
+def recomputed_layers(layout, r: int, training) -> list[int]:
+    """Layers of stage r whose forward (or part of it) backward re-runs."""
+    if training.recompute_granularity is None and not training.moe_layer_recompute:
+        return []
+    if training.recompute_granularity == "full" and training.recompute_method == "block":
+        n = training.recompute_num_layers or 1
+        return [i for k in layout.virtual_stages(r) for i in list(layout.layers(k))[:n]]
+    return layout.rank_layers(r)
+
+
+def recompute_flops_per_token(model, layout, r: int, training) -> float:
+    """Extra forward FLOPs per token that stage r spends re-running what the recompute flags drop
+    (a forward pass is a third of training FLOPs: 2 x parameters + 4 S D of attention per layer)."""
+    S, D = model.seq_length, model.hidden_size
+    moe = model.moe
+    redo = recomputed_layers(layout, r, training)
+    if training.recompute_granularity == "full":
+        return sum(2.0 * active_params_per_layer(model, i) + 4 * S * D for i in redo)
+    if training.recompute_granularity == "selective":
+        return 4.0 * S * D * len(redo)  # the attention core
+    if moe is None:
+        return 0.0
+    expert = 2.0 * (moe.router_topk * ffn_params(model, moe.ffn_hidden_size)
+                    + ffn_params(model, moe.shared_expert_ffn_hidden_size or 0))
+    return expert * sum(1 for i in redo if moe.is_moe_layer(i))
 
 
 def exchange_seconds(nbytes: float, peers: int, gbps: float, alpha_us: float) -> float:
@@ -55,43 +239,164 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
              alpha_us: float, overlap: bool, peak_tflops: float = 989.0) -> dict:
     m, t, p = cfg.model, cfg.training, cfg.parallel
     world = gpus_per_node * nodes
-    ep, dp = p.expert_model_parallel_size, world
+    layout = p.pipeline_layout(m.num_layers)
+    P, V = layout.num_stages, layout.num_chunks
+    ep, dp = p.expert_model_parallel_size, world // P
+    edp = dp // ep
+    mb = cfg.num_microbatches
     b = 2 if (t.bf16 or t.fp16) else 4
-    tokens_per_gpu = t.global_batch_size * m.seq_length / world
+    tokens_per_dp_rank = t.global_batch_size * m.seq_length / dp
     flops_token = training_flops_per_token(m)
-    compute_s = flops_token * tokens_per_gpu / (tflops * 1e12)
 
-    moe_layers = sum(m.moe.layer_pattern) if m.moe else 0
     T = t.micro_batch_size * m.seq_length
     K = m.moe.router_topk if m.moe else 0
     per_exchange = T * K * m.hidden_size * b * (ep - 1) / ep
-    a2a_bytes = 4 * moe_layers * cfg.num_microbatches * per_exchange
     spans_nodes = ep > gpus_per_node
     a2a_gbps = inter_gbps if spans_nodes else intra_gbps
-    a2a_s = 4 * moe_layers * cfg.num_microbatches * exchange_seconds(per_exchange, ep - 1, a2a_gbps, alpha_us) \
-        if ep > 1 else 0.0
+    stage_span_nodes = dp > gpus_per_node  # a stage's DP group (and the P2P neighbour) leaves the node
+    dp_gbps = inter_gbps if stage_span_nodes else intra_gbps
 
-    total, expert, dense = total_params(m)
-    edp = world // ep
-    grad_bytes = 4 * (dense * 2 * (dp - 1) / dp + expert / ep * 2 * (edp - 1) / edp)
-    dp_gbps = inter_gbps if nodes > 1 else intra_gbps
+    stages = []
+    for r in range(P):
+        layers = layout.rank_layers(r)
+        moe_layers = sum(1 for i in layers if m.moe and m.moe.is_moe_layer(i))
+        exchanges = 4 * moe_layers * mb  # dispatch + combine, forward and backward
+        if t.recompute_granularity == "full" or t.moe_layer_recompute:  # a re-run forward exchanges twice more
+            exchanges += 2 * mb * sum(1 for i in recomputed_layers(layout, r, t) if m.moe and m.moe.is_moe_layer(i))
+        flops = stage_flops_per_token(m, layout, r) + recompute_flops_per_token(m, layout, r, t)
+        compute_s = flops * tokens_per_dp_rank / (tflops * 1e12)
+        a2a_bytes = exchanges * per_exchange
+        a2a_s = exchanges * exchange_seconds(per_exchange, ep - 1, a2a_gbps, alpha_us) if ep > 1 else 0.0
+        dense, expert = stage_params(m, layout, r)
+        grad_bytes = 4 * (dense * 2 * (dp - 1) / dp + expert / ep * 2 * (edp - 1) / edp)
+        mem = stage_memory(cfg, layout, r)
+        stages.append({**mem, "compute_s": compute_s, "a2a_bytes": a2a_bytes, "a2a_s": a2a_s,
+                       "grad_bytes": grad_bytes, "total_bytes": sum(mem[k] for k in MEMORY_PARTS)})
+
+    slow = max(stages, key=lambda s: s["compute_s"] + s["a2a_s"])
+    bubble = bubble_fraction(P, V, mb)
+    p2p_bytes = 2 * mb * V * T * m.hidden_size * b if P > 1 else 0.0
+    p2p_s = exchange_seconds(p2p_bytes, 2 * mb * V, inter_gbps if dp >= gpus_per_node else intra_gbps,
+                             alpha_us) if P > 1 else 0.0
+    grad_bytes = max(s["grad_bytes"] for s in stages)
     grad_s = grad_bytes / (dp_gbps * 1e9 / 8)
-    step_s = compute_s + a2a_s + (0.0 if overlap else grad_s)
-
-    local = dense + expert / ep
-    shard = dp if p.use_distributed_optimizer else 1
-    shard_e = edp if p.use_distributed_optimizer else 1
-    optim_bytes = 8 * (dense / shard + expert / ep / shard_e)
-    act_bytes = 34 * T * m.hidden_size * m.num_layers * (b / 2)  # Korthikanti et al.'s per-layer estimate
+    step_s = (slow["compute_s"] + slow["a2a_s"]) / (1 - bubble) + p2p_s + (0.0 if overlap else grad_s)
+    worst = max(stages, key=lambda s: s["total_bytes"])
+    total, expert, dense = total_params(m)
+    tokens_per_gpu = t.global_batch_size * m.seq_length / world
     return {
-        "world": world, "ep": ep, "total_params": total, "active_params_per_token": flops_token / 6,
-        "local_params": local, "tokens_per_gpu_per_step": tokens_per_gpu,
-        "compute_s": compute_s, "a2a_bytes_per_gpu": a2a_bytes, "a2a_s": a2a_s, "a2a_inter_node": spans_nodes,
+        "world": world, "mbs": t.micro_batch_size, "pp": P, "vp": V, "dp": dp, "ep": ep, "edp": edp, "microbatches": mb,
+        "precision": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
+        "distributed_optimizer": p.use_distributed_optimizer,
+        "total_params": total, "active_params_per_token": flops_token / 6,
+        "local_params": worst["params"], "tokens_per_gpu_per_step": tokens_per_gpu,
+        "compute_s": slow["compute_s"], "a2a_bytes_per_gpu": slow["a2a_bytes"], "a2a_s": slow["a2a_s"],
+        "a2a_inter_node": spans_nodes, "bubble": bubble, "p2p_bytes_per_gpu": p2p_bytes, "p2p_s": p2p_s,
         "grad_reduce_bytes_per_gpu": grad_bytes, "grad_reduce_s": grad_s, "step_s": step_s,
         "tokens_per_s": t.global_batch_size * m.seq_length / step_s,
-        "memory_gib": (4 * local + 4 * local + optim_bytes + act_bytes) / 2**30,
+        "stages": stages, "worst_stage": worst["stage"],
+        "memory_gib": worst["total_bytes"] / GIB,
         "mfu": flops_token * tokens_per_gpu / step_s / (peak_tflops * 1e12),
     }
+
+
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations")
+
+
+# ---------------------------------------------------------------- --fit: smallest world that fits
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidate_configs(cfg, world: int):
+    """Every layout of `world` GPUs: P (dividing world and the layers), EP (dividing the experts
+    and world / P), distributed optimizer on/off, fp32/bf16, micro-batch sizes 1..8 keeping the
+    global batch. Plain 1F1B with even stages (interleaving only adds activations); recompute
+    flags are kept as given. Layouts that `validate` refuses are skipped."""
+    m, t, p = cfg.model, cfg.training, cfg.parallel
+    experts = m.moe.num_experts if m.moe else 1
+    for P in divisors(world):
+        if m.num_layers % P:
+            continue
+        for ep in (e for e in divisors(experts) if (world // P) % e == 0):
+            for dist in (False, True):
+                for half in (False, True):
+                    for mbs in (1, 2, 4, 8):
+                        par = dataclasses.replace(
+                            p, world_size=world, pipeline_model_parallel_size=P, expert_model_parallel_size=ep,
+                            virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+                            decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+                            use_distributed_optimizer=dist)
+                        tr = dataclasses.replace(t, micro_batch_size=mbs, bf16=half, fp16=False)
+                        c = dataclasses.replace(cfg, parallel=par, training=tr)
+                        try:
+                            validate(c)
+                        except ValueError:
+                            continue
+                        yield c
+
+
+def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list[tuple[int, dict, dict]]:
+    """Per world size (powers of two): (world, smallest-memory estimate, fastest estimate that fits or None)."""
+    rows = []
+    world = 1
+    while world <= max_gpus:
+        nodes, gpn = (world // gpus_per_node, gpus_per_node) if world >= gpus_per_node else (1, world)
+        results = [estimate(c, gpn, nodes, **kw) for c in candidate_configs(cfg, world)]
+        if results:
+            smallest = min(results, key=lambda r: r["memory_gib"])
+            fitting = [r for r in results if r["memory_gib"] <= budget_gib]
+            rows.append((world, smallest, max(fitting, key=lambda r: r["tokens_per_s"]) if fitting else None))
+            if fitting:
+                break
+        world *= 2
+    return rows
+
+
+def layout_text(r: dict) -> str:
+    vp = f" V={r['vp']}" if r["vp"] > 1 else ""
+    return (f"P={r['pp']}{vp} DP={r['dp']} EP={r['ep']} EDP={r['edp']} mbs={r['mbs']} "
+            f"{r['precision']}{' +distopt' if r['distributed_optimizer'] else ''}")
+
+
+# ---------------------------------------------------------------- command line
+
+def print_estimate(r: dict, nodes: int, gpus_per_node: int, overlap: bool) -> None:
+    print(f"world {r['world']} ({nodes} x {gpus_per_node}): pipeline P={r['pp']} V={r['vp']}, data-parallel "
+          f"DP={r['dp']}, expert-parallel EP={r['ep']}, expert-data-parallel EDP={r['edp']}; "
+          f"{r['microbatches']} micro-batches per step")
+    print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['local_params'] / 1e9:.2f} B per GPU "
+          f"(stage {r['worst_stage']}); training FLOPs per token / 6 = {r['active_params_per_token'] / 1e9:.2f} B")
+    print(f"per step and GPU: {r['tokens_per_gpu_per_step']:.0f} tokens, compute {r['compute_s'] * 1e3:.1f} ms "
+          f"(slowest stage)")
+    print(f"all-to-all: {r['a2a_bytes_per_gpu'] / GIB:.2f} GiB sent per GPU per step "
+          f"({'inter' if r['a2a_inter_node'] else 'intra'}-node), {r['a2a_s'] * 1e3:.1f} ms")
+    if r["pp"] > 1:
+        print(f"pipeline: bubble {100 * r['bubble']:.1f}% of the step ((P-1)/(V*m+P-1)), P2P "
+              f"{r['p2p_bytes_per_gpu'] / GIB:.2f} GiB per GPU, {r['p2p_s'] * 1e3:.1f} ms")
+    print(f"gradient reduction: {r['grad_reduce_bytes_per_gpu'] / GIB:.2f} GiB per GPU, {r['grad_reduce_s'] * 1e3:.1f} ms"
+          f" ({'' if overlap else 'not '}overlapped)")
+    w = r["stages"][r["worst_stage"]]
+    opt = "distributed optimizer" if r["distributed_optimizer"] else "optimizer"
+    print(f"memory, {r['precision']}, worst stage {r['worst_stage']} of {r['pp']}: weights {w['weights'] / GIB:.1f}, "
+          f"grads {w['grads'] / GIB:.1f}, {opt} {w['optimizer'] / GIB:.1f}, activations "
+          f"{w['activations'] / GIB:.1f} GiB")
+    print(f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}%, "
+          f"memory ~{r['memory_gib']:.1f} GiB per GPU")
+
+
+def print_fit(rows, budget_gib: float) -> None:
+    print(f"smallest layout per world size (fits: <= {budget_gib:g} GiB per GPU)")
+    for world, smallest, best in rows:
+        print(f"  {world:5d} GPUs: least memory {smallest['memory_gib']:6.1f} GiB with {layout_text(smallest)}")
+        if best:
+            print(f"             fastest that fits: {best['memory_gib']:.1f} GiB, {best['tokens_per_s']:.0f} tokens/s, "
+                  f"MFU {100 * best['mfu']:.1f}%, bubble {100 * best['bubble']:.1f}%, {layout_text(best)}")
+    if rows and rows[-1][2]:
+        print(f"fits from {rows[-1][0]} GPUs")
+    else:
+        print("does not fit at any world size tried (raise --max-gpus)")
 
 
 def main(argv=None) -> None:
@@ -104,6 +409,10 @@ def main(argv=None) -> None:
     p.add_argument("--inter-node-gbps", type=float, default=400.0, help="per-GPU inter-node bandwidth, Gbit/s")
     p.add_argument("--alpha-us", type=float, default=10.0, help="latency per peer per exchange, microseconds")
     p.add_argument("--no-overlap", action="store_true", help="gradient reduction not hidden behind backward")
+    p.add_argument("--fit", type=float, metavar="GIB",
+                   help="search layouts for the smallest power-of-two world whose worst stage fits in GIB per GPU "
+                        "(76 leaves ~4 GiB of an 80 GB GPU for the CUDA context and fragmentation)")
+    p.add_argument("--max-gpus", type=int, default=1024, help="largest world --fit tries")
     a, rest = p.parse_known_args(argv)
     world = a.nodes * a.gpus_per_node
     extra = [] if "--mock-data" in rest or "--data-path" in rest else ["--mock-data"]
@@ -114,18 +423,12 @@ def main(argv=None) -> None:
     except ValueError as e:
         print(f"estimate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    r = estimate(cfg, a.gpus_per_node, a.nodes, a.tflops, a.intra_node_gbps, a.inter_node_gbps, a.alpha_us,
-                 not a.no_overlap, a.peak_tflops)
-    print(f"world {r['world']} ({a.nodes} x {a.gpus_per_node}), expert-parallel {r['ep']}")
-    print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['local_params'] / 1e9:.2f} B per GPU; "
-          f"training FLOPs per token / 6 = {r['active_params_per_token'] / 1e9:.2f} B")
-    print(f"per step and GPU: {r['tokens_per_gpu_per_step']:.0f} tokens, compute {r['compute_s'] * 1e3:.1f} ms")
-    print(f"all-to-all: {r['a2a_bytes_per_gpu'] / 2**30:.2f} GiB sent per GPU per step "
-          f"({'inter' if r['a2a_inter_node'] else 'intra'}-node), {r['a2a_s'] * 1e3:.1f} ms")
-    print(f"gradient reduction: {r['grad_reduce_bytes_per_gpu'] / 2**30:.2f} GiB per GPU, {r['grad_reduce_s'] * 1e3:.1f} ms"
-          f" ({'not ' if a.no_overlap else ''}overlapped)")
-    print(f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}%, "
-          f"memory ~{r['memory_gib']:.1f} GiB per GPU")
+    kw = dict(tflops=a.tflops, intra_gbps=a.intra_node_gbps, inter_gbps=a.inter_node_gbps, alpha_us=a.alpha_us,
+              overlap=not a.no_overlap, peak_tflops=a.peak_tflops)
+    if a.fit is not None:
+        print_fit(fit(cfg, a.fit, a.gpus_per_node, a.max_gpus, **kw), a.fit)
+        return
+    print_estimate(estimate(cfg, a.gpus_per_node, a.nodes, **kw), a.nodes, a.gpus_per_node, not a.no_overlap)
 
 
 if __name__ == "__main__":
