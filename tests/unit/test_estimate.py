@@ -1,0 +1,143 @@
+"""tools/estimate.py: pipeline bubble and in-flight micro-batches, bytes per parameter of each
+precision layout, the tied embedding's copy on the last stage, P = 1 figures, flag errors.
+
+Expected values are computed here from the shape, independently of the tool's helpers.
+"""
+
+import importlib.util
+import os
+import shlex
+
+import pytest
+
+from megatron.training.arguments import config_from_args, parse_args
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "tools", "estimate.py")
+_spec = importlib.util.spec_from_file_location("estimate_tool", _PATH)
+est = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(est)
+
+# L=4, D=64, H=G=4 (head dim 16), F=128, SwiGLU, no biases, E=4 experts of F=128, top-2,
+# vocab 256 (already a multiple of 128), S=32.
+L, D, F, E, K, VOCAB, S = 4, 64, 128, 4, 2, 256, 32
+FLAGS = (f"--num-layers {L} --hidden-size {D} --ffn-hidden-size {F} --num-attention-heads 4 --seq-length {S} "
+         f"--max-position-embeddings {S} --position-embedding-type rope --normalization RMSNorm --swiglu "
+         f"--disable-bias-linear --num-experts {E} --moe-router-topk {K} --mock-data --vocab-size {VOCAB} "
+         "--micro-batch-size 1 --global-batch-size 16 --train-iters 10 --lr 1e-4")
+ATTN = 4 * D * D          # q, k, v (G = H) and output projection
+ROUTER = D * E
+EXPERT = 3 * D * F        # SwiGLU fc1 (2F) and fc2
+LAYER = ATTN + ROUTER + E * EXPERT
+EMBED = VOCAB * D
+
+
+def cfg(extra: str = "", world: int = 1, untie: bool = True):
+    flags = FLAGS + (" --untie-embeddings-and-output-weights" if untie else "") + " " + extra
+    return config_from_args(parse_args(shlex.split(flags)), world_size=world)
+
+
+def state_bytes(c, r: int = 0) -> float:
+    mem = est.stage_memory(c, c.parallel.pipeline_layout(L), r)
+    return mem["weights"] + mem["grads"] + mem["optimizer"]
+
+
+def test_bubble_1f1b_and_interleaved():
+    assert est.bubble_fraction(1, 1, 8) == 0
+    assert est.bubble_fraction(4, 1, 8) == pytest.approx(3 / 11)       # (P-1)/(m+P-1)
+    assert est.bubble_fraction(4, 2, 8) == pytest.approx(3 / 19)       # (P-1)/(V m+P-1)
+    assert est.bubble_fraction(8, 4, 16) == pytest.approx(7 / 71)
+
+
+def test_in_flight_micro_batches():
+    assert [est.inflight_chunks(4, 1, 8, r) for r in range(4)] == [4, 3, 2, 1]
+    assert est.inflight_chunks(4, 1, 2, 0) == 2                          # never more than m
+    assert est.inflight_chunks(4, 2, 8, 0) == 2 * 3 + 4 + 1              # 2(P-1) + (V-1)P + 1
+    assert est.inflight_chunks(4, 2, 8, 3) == 4 + 1
+    assert est.inflight_chunks(4, 2, 4, 0) == 8                          # capped at m V
+
+
+def test_bytes_per_parameter_of_each_precision_layout():
+    local = 2 * EMBED + L * LAYER                                        # untied: embedding + output layer
+    fp32 = cfg("", world=4)
+    assert est.stage_memory(fp32, fp32.parallel.pipeline_layout(L), 0)["params"] == local
+    assert state_bytes(fp32) == 16 * local
+    assert state_bytes(cfg("--bf16", world=4)) == 18 * local
+    assert state_bytes(cfg("--fp16", world=4)) == 18 * local
+    assert state_bytes(cfg("--bf16 --use-distributed-optimizer", world=4)) == pytest.approx((2 + 4 + 12 / 4) * local)
+    assert state_bytes(cfg("--use-distributed-optimizer", world=4)) == pytest.approx((4 + 4 + 8 / 4) * local)
+
+
+def test_distributed_optimizer_shards_experts_over_expert_data_parallel_ranks():
+    c = cfg("--bf16 --use-distributed-optimizer --expert-model-parallel-size 2", world=4)  # DP 4, EDP 2
+    dense, expert = 2 * EMBED + L * (ATTN + ROUTER), L * E * EXPERT
+    expected = 6 * (dense + expert / 2) + 12 * (dense / 4 + expert / 2 / 2)
+    assert state_bytes(c) == pytest.approx(expected)
+
+
+def test_tied_embedding_copy_on_last_stage():
+    per_layer_dense = ATTN + ROUTER
+    tied = cfg("--pipeline-model-parallel-size 2", world=2, untie=False)
+    layout = tied.parallel.pipeline_layout(L)
+    assert est.stage_params(tied.model, layout, 0) == (2 * per_layer_dense + EMBED, 2 * E * EXPERT)
+    assert est.stage_params(tied.model, layout, 1) == (2 * per_layer_dense + EMBED, 2 * E * EXPERT)
+    one = cfg("", world=1, untie=False)                                   # P = 1: a single shared copy
+    assert est.stage_params(one.model, one.parallel.pipeline_layout(L), 0)[0] == L * per_layer_dense + EMBED
+    total, _, _ = est.total_params(tied.model)
+    assert total == L * LAYER + EMBED
+
+
+def test_pipeline_stage_memory_and_worst_stage():
+    c = cfg("--pipeline-model-parallel-size 2", world=2)                  # DP 1, m = 16
+    r = est.estimate(c, 2, 1, 1.0, 8.0, 8.0, 0.0, True)
+    assert (r["pp"], r["vp"], r["dp"], r["ep"], r["edp"]) == (2, 1, 1, 1, 1)
+    assert r["bubble"] == pytest.approx(1 / 17)
+    stage0 = r["stages"][0]
+    T, b = S, 4
+    per_layer = 34 * T * D * b / 2 + K * T * (D + 3 * F) * b
+    assert stage0["activations"] == pytest.approx(2 * 2 * per_layer)       # 2 micro-batches x 2 layers
+    assert r["worst_stage"] == max(range(2), key=lambda i: r["stages"][i]["total_bytes"])
+
+
+def test_p1_fp32_matches_the_figures_before_pipelines():
+    """Hand-computed with the formulas of the tool before pipeline stages (unchanged for fp32, P = 1)."""
+    c = cfg("--expert-model-parallel-size 2", world=2)
+    r = est.estimate(c, 2, 1, 1.0, 8.0, 8.0, 0.0, True)                   # 1 TFLOP/s, 1 GB/s, no latency
+    flops_token = 6 * (L * (ATTN + ROUTER + K * EXPERT) + EMBED) + 12 * L * S * D
+    assert flops_token == 1775616
+    assert r["compute_s"] == pytest.approx(1775616 * 256 / 1e12)          # 16 x 32 tokens over 2 GPUs
+    # a2a: per exchange T K D b (EP-1)/EP = 32*2*64*4/2 = 8192 B; 4 exchanges x 4 layers x 8 micro-batches
+    assert r["a2a_bytes_per_gpu"] == 128 * 8192
+    assert r["step_s"] == pytest.approx(0.000454557696 + 128 * 8192 / 1e9)
+    local = 2 * EMBED + L * (ATTN + ROUTER) + L * E * EXPERT / 2
+    worst = r["stages"][0]
+    assert (worst["weights"], worst["grads"], worst["optimizer"]) == (4 * local, 4 * local, 8 * local)
+
+
+def test_recompute_full_keeps_layer_inputs_and_costs_a_forward():
+    plain = est.estimate(cfg(""), 1, 1, 1.0, 8.0, 8.0, 0.0, True)
+    full = est.estimate(cfg("--recompute-granularity full"), 1, 1, 1.0, 8.0, 8.0, 0.0, True)
+    assert full["stages"][0]["activations"] < plain["stages"][0]["activations"]
+    assert full["compute_s"] == pytest.approx(plain["compute_s"] + (
+        2 * L * (ATTN + ROUTER + K * EXPERT) + 4 * L * S * D) * 16 * S / 1e12)
+    assert full["mfu"] < plain["mfu"]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    ("--pipeline-model-parallel-size 3", "--pipeline-model-parallel-size"),
+    ("--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 3",
+     "--virtual-pipeline-model-parallel-size"),
+    ("--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 5",
+     "--decoder-first"),
+])
+def test_bad_pipeline_flag_exits_2_with_one_line(extra, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        est.main(["--gpus-per-node", "2"] + shlex.split(FLAGS + " " + extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("estimate.py: error:") and flag in err
+
+
+def test_fit_finds_a_layout(capsys):
+    est.main(["--fit", "0.01", "--max-gpus", "8", "--tflops", "1"] + shlex.split(FLAGS))
+    out = capsys.readouterr().out
+    assert "fits from" in out and "P=" in out
