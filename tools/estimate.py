@@ -413,6 +413,10 @@ def main(argv=None) -> None:
                    help="search layouts for the smallest power-of-two world whose worst stage fits in GIB per GPU "
                         "(76 leaves ~4 GiB of an 80 GB GPU for the CUDA context and fragmentation)")
     p.add_argument("--max-gpus", type=int, default=1024, help="largest world --fit tries")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                   help="override the config's precision (a YAML's bf16: true has no command-line off switch)")
+    p.add_argument("--no-distributed-optimizer", action="store_true",
+                   help="override the config's --use-distributed-optimizer")
     a, rest = p.parse_known_args(argv)
     world = a.nodes * a.gpus_per_node
     extra = [] if "--mock-data" in rest or "--data-path" in rest else ["--mock-data"]
@@ -423,6 +427,10 @@ def main(argv=None) -> None:
     except ValueError as e:
         print(f"estimate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if a.precision:
+        cfg.training.bf16, cfg.training.fp16 = a.precision == "bf16", a.precision == "fp16"
+    if a.no_distributed_optimizer:
+        cfg.parallel.use_distributed_optimizer = False
     kw = dict(tflops=a.tflops, intra_gbps=a.intra_node_gbps, inter_gbps=a.inter_node_gbps, alpha_us=a.alpha_us,
               overlap=not a.no_overlap, peak_tflops=a.peak_tflops)
     if a.fit is not None:
