@@ -55,7 +55,7 @@ def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: b
             grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in trainer.model.named_buffers()}
-    layer = next((l.mlp for l in trainer.model.decoder.layers if l.is_moe), None)
+    layer = next((l.mlp for l in trainer.model.decoder.layers if l.is_moe), None)  # this rank's layers
     offset = layer.dispatcher.local_expert_offset if layer is not None else 0
     return dict(losses=losses, norms=norms, grads=grads, params=params, buffers=buffers, loads=loads,
                 expert_offset=offset, rank=groups.rank)

@@ -1,9 +1,11 @@
 """Process groups of one run, all cut from one DeviceMesh, held in an object passed around.
 
-Mesh layout (TP = PP = 1 for now): shape (world / EP, EP) with dims ("expert_dp", "ep").
-Expert-parallel groups are runs of consecutive ranks, so that EP stays inside a node where it
-can; the expert-data-parallel group joins the ranks holding the same experts; the data-parallel
-group of the dense parameters is the whole mesh, flattened.
+Mesh layout (TP = 1 for now): shape (P, world / (P * EP), EP) with dims ("pp",
+"expert_dp", "ep"), Megatron's rank order with pipeline stages outermost. Expert-parallel
+groups are runs of consecutive ranks, so that EP stays inside a node where it can; the
+expert-data-parallel group joins the ranks of one stage holding the same experts; the
+data-parallel group of the dense parameters is one stage's ranks (the inner two dims,
+flattened); the pipeline group joins the ranks at the same place in every stage.
 
 No module-level state: `initialize` returns a `ProcessGroups`, and code that needs a group
 receives it as an argument.
@@ -80,6 +82,11 @@ class ProcessGroups:
     """Expert-parallel group: ranks that split one MoE layer's experts between them."""
     expert_dp: Optional[dist.ProcessGroup] = None
     """Expert-data-parallel group: ranks holding replicas of the same experts."""
+    pp: Optional[dist.ProcessGroup] = None
+    """Pipeline group: one rank of every stage, in stage order (None without pipelining)."""
+    embedding: Optional[dist.ProcessGroup] = None
+    """First and last pipeline rank of this rank's pipeline group, which both hold the word
+    embedding when input and output weights are tied (None without pipelining)."""
 
     @property
     def dp_size(self) -> int:
@@ -100,6 +107,14 @@ class ProcessGroups:
     @property
     def expert_dp_size(self) -> int:
         return _size(self.expert_dp)
+
+    @property
+    def pp_size(self) -> int:
+        return _size(self.pp)
+
+    @property
+    def pp_rank(self) -> int:
+        return _rank(self.pp)
 
     @property
     def is_main(self) -> bool:
@@ -133,27 +148,43 @@ def initialize(parallel: ParallelConfig) -> ProcessGroups:
     if not dist.is_initialized():
         _export_slurm_rendezvous(env)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
-    return groups_from_mesh(parallel.expert_model_parallel_size, device, backend)
+    return groups_from_mesh(parallel.expert_model_parallel_size, device, backend,
+                            parallel.pipeline_model_parallel_size)
 
 
-def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None) -> ProcessGroups:
-    """ProcessGroups for an initialised default group, from a ("expert_dp", "ep") DeviceMesh."""
+def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None,
+                     pp_size: int = 1) -> ProcessGroups:
+    """ProcessGroups for an initialised default group, from a ("pp", "expert_dp", "ep") DeviceMesh."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    mesh = init_device_mesh(device.type, (world // ep_size, ep_size), mesh_dim_names=("expert_dp", "ep"))
-    dp_mesh = mesh._flatten("dp")
+    mesh = init_device_mesh(device.type, (pp_size, world // (pp_size * ep_size), ep_size),
+                            mesh_dim_names=("pp", "expert_dp", "ep"))
+    dp_mesh = mesh["expert_dp", "ep"]._flatten("dp")
+    stage_mesh = mesh["expert_dp", "ep"] if pp_size > 1 else mesh
     return ProcessGroups(
         rank=rank,
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         device=device,
         backend=backend,
-        mesh=mesh,
+        mesh=stage_mesh,
         dp=dp_mesh.get_group(),
         ep=mesh["ep"].get_group(),
         expert_dp=mesh["expert_dp"].get_group(),
+        pp=mesh["pp"].get_group() if pp_size > 1 else None,
+        embedding=_embedding_group(mesh.mesh) if pp_size > 1 else None,
     )
+
+
+def _embedding_group(ranks_PXE: torch.Tensor) -> dist.ProcessGroup:
+    """This rank's {first stage, last stage} group; every rank creates every such group, in order."""
+    mine = None
+    for column in ranks_PXE.flatten(1).t().tolist():
+        group = dist.new_group(sorted({column[0], column[-1]}))
+        if dist.get_rank() in column:
+            mine = group
+    return mine
 
 
 def destroy(groups: ProcessGroups) -> None:

@@ -334,7 +334,7 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
         raise CheckpointError(f"--load: {directory} has no optimizer state (saved with --no-save-optim, "
                               "or converted); pass --no-load-optim, or --finetune")
     target = {"model": shard_experts({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, groups)}
-    check_tensor_shapes(metadata, target["model"], "model", directory)
+    check_tensor_shapes(metadata, whole_model_shapes(cfg), "model", directory)
     optim_local = None
     if want_optim:
         optim_local = optimizer_state_by_name(trainer.model, trainer.optimizer)
@@ -354,11 +354,21 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
     return common, tensors, rng
 
 
-def check_tensor_shapes(metadata, target: dict, prefix: str, source: str) -> None:
-    """Every tensor this model needs is in the checkpoint with the same global shape, and no more."""
+def whole_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """{name: global shape} of every tensor of the whole model (all pipeline stages, all experts),
+    from a model built on the meta device (no memory, no computation)."""
+    from megatron.core.models.gpt import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(cfg.model)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def check_tensor_shapes(metadata, expected: dict[str, tuple], prefix: str, source: str) -> None:
+    """Every tensor the model has is in the checkpoint with the same global shape, and no more."""
     saved = {k[len(prefix) + 1:]: getattr(m, "size", None) for k, m in metadata.state_dict_metadata.items()
              if k.startswith(prefix + ".")}
-    problems = tensor_mismatches({k: tuple(t.shape) for k, t in target.items()}, saved)
+    problems = tensor_mismatches(expected, saved)
     if problems:
         raise CheckpointError(f"--load: {source} does not match this model: " + "; ".join(problems))
 

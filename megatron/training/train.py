@@ -28,6 +28,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron.core.parallel_state import ProcessGroups
+from megatron.core.pipeline_parallel.schedules import NoPipelining, PipelineSchedule
 from megatron.core.transformer.layer import RecomputePlan
 from megatron.core.transformer.moe.router import LOAD_BALANCING_LOSS_NAMES, RouterStats
 from megatron.training import checkpointing
@@ -48,19 +49,36 @@ class TrainState:
     """Validation samples read so far: each evaluation continues from here (Megatron-LM's)."""
 
 
-def recompute_plan(cfg: Config) -> RecomputePlan:
-    """The activation recompute that `--recompute-*` and `--moe-layer-recompute` ask for."""
+def recompute_plan(cfg: Config, num_layers: Optional[int] = None) -> RecomputePlan:
+    """The activation recompute that `--recompute-*` and `--moe-layer-recompute` ask for, for a
+    stack of `num_layers` layers (default: the model's; a pipeline stage plans its own)."""
     t = cfg.training
-    return RecomputePlan.build(cfg.model.num_layers, t.recompute_granularity, t.recompute_method,
+    return RecomputePlan.build(num_layers or cfg.model.num_layers, t.recompute_granularity, t.recompute_method,
                                t.recompute_num_layers, t.moe_layer_recompute)
 
 
 def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
-    """The model on this rank's device, initialised from `--seed` (identically on every rank,
-    and each expert identically under any expert-parallel layout)."""
+    """This rank's share of the model on its device: its pipeline stages' layers, the embedding
+    on the first stage, the output layer on the last. Every piece is drawn from its own seed
+    derived from `--seed`, so every pipeline and expert-parallel layout starts from the same
+    weights as one process."""
     torch.manual_seed(cfg.training.seed)
+    layout = cfg.parallel.pipeline_layout(cfg.model.num_layers)
+    ks = layout.virtual_stages(groups.pp_rank)
+    chunks = [list(layout.layers(k)) for k in ks]
     with torch.device(groups.device):
-        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp, recompute=recompute_plan(cfg))
+        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp,
+                        recompute=[recompute_plan(cfg, len(c)) if c else RecomputePlan() for c in chunks],
+                        chunks=chunks, pre_process=layout.is_first(ks[0]), post_process=layout.is_last(ks[-1]),
+                        init_seed=cfg.training.seed)
+
+
+def build_schedule(cfg: Config, groups: ProcessGroups, model: GPTModel, dp: DataParallel):
+    """Plain gradient accumulation without pipelining, else (interleaved) 1F1B."""
+    layout = cfg.parallel.pipeline_layout(cfg.model.num_layers)
+    if layout.num_stages == 1:
+        return NoPipelining(model, dp)
+    return PipelineSchedule(model, layout, groups, cfg.num_microbatches, cfg.training.micro_batch_size, dp)
 
 
 class Trainer:
@@ -74,7 +92,9 @@ class Trainer:
         self.cfg = cfg
         self.groups = groups
         self.model = build_model(cfg, groups)
-        self.dp = DataParallel(self.model, groups, cfg.parallel)
+        tied = None if cfg.model.untie_embeddings_and_output_weights else "embedding.word_embeddings.weight"
+        self.dp = DataParallel(self.model, groups, cfg.parallel, tied_embedding=tied)
+        self.schedule = build_schedule(cfg, groups, self.model, self.dp)
         self.optimizer = self.dp.build_optimizer(cfg.optimizer)
         self.scheduler = OptimizerParamScheduler(self.optimizer, cfg.optimizer)
         t = cfg.training
@@ -82,7 +102,10 @@ class Trainer:
                                   t.loss_scale) if t.fp16 else None)
         moe_layers = [layer for layer in self.model.decoder.layers if layer.is_moe]
         self.routers = [layer.mlp.router for layer in moe_layers]
-        self.moe_layer_numbers = [layer.layer_number for layer in moe_layers]
+        """This rank's routers (its pipeline stages' MoE layers)."""
+        self.moe_layer_numbers = [i for i, moe in enumerate(cfg.model.moe.layer_pattern) if moe] if cfg.model.moe else []
+        """Every MoE layer of the model, on whichever stage."""
+        self.local_moe_slots = [self.moe_layer_numbers.index(layer.layer_number) for layer in moe_layers]
         self.state = TrainState()
         self.pending_save = None  # an asynchronous checkpoint in flight
         self.checkpoint_group = None  # process group of asynchronous checkpoint writes
@@ -93,31 +116,21 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.groups.device.type, dtype=self.autocast_dtype)
 
-    def forward(self, batch: dict):
-        with self.autocast():
-            return self.model(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
-
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> StepResult:
-        """Forward/backward over this rank's micro-batches, then one optimizer step."""
+        """Forward/backward over this rank's micro-batches (through the pipeline schedule), then
+        one optimizer step."""
         self.model.train()
         self.dp.zero_grad()
+        n = len(batches)
+        loss_scale = self.scaler.scale if self.scaler else 1.0
         for router in self.routers:
             router.start_step()
-        n = len(batches)
-        lm_sum = torch.zeros((), device=self.groups.device)
-        stats: Optional[list[RouterStats]] = None
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == n - 1 else self.dp.no_sync()
-            with sync:
-                out = self.forward(batch)
-                loss = (out.lm_loss + out.aux_loss) / n
-                (loss * self.scaler.scale if self.scaler else loss).backward()
-            lm_sum += out.lm_loss.detach()
-            step_stats = [r.stats for r in out.routings]
-            stats = step_stats if stats is None else [a + b for a, b in zip(stats, step_stats)]
+            router.aux_loss_grad_scale = loss_scale / n
+        with self.autocast():
+            lm_sum = self.schedule.train(batches, loss_scale)
         self.dp.finish_grad_sync()
-        lm_loss, aux, loads, routed = self._reduce_metrics(lm_sum / n, stats or [], n)
+        lm_loss, aux, loads, routed = self._reduce_metrics(lm_sum / n, [r.step_stats for r in self.routers], n)
 
         if self.scaler is not None:
             self.dp.scale_grads(1.0 / self.scaler.scale)
@@ -136,33 +149,39 @@ class Trainer:
                 self.dp.scale_grads(clip / (grad_norm + 1e-6))
             self.optimizer.step()
             self.scheduler.step()
-            for router, routed_E in zip(self.routers, routed):
-                router.update_expert_bias(routed_E)
+            for router, slot in zip(self.routers, self.local_moe_slots):
+                router.update_expert_bias(routed[slot])
         return StepResult(lm_loss, aux, loads, grad_norm, self.scheduler.lr,
                           self.scaler.scale if self.scaler else None, skipped, nan)
 
     def _reduce_metrics(self, lm_loss: torch.Tensor, stats: list[RouterStats], n: int):
-        """Average losses over data-parallel ranks and sum expert counts, in one all-reduce.
+        """Average losses over data-parallel ranks and sum expert counts, in one all-reduce over
+        every rank (each MoE layer's numbers come from the stage holding it, the LM loss from
+        the last stage).
 
         Returns the LM loss; the aux losses as Megatron-LM logs them (without coefficients,
-        averaged over micro-batches, data-parallel ranks and MoE layers; the global balancing
+        averaged over micro-batches, data-parallel ranks and all MoE layers; the global balancing
         loss is each rank's share, so it is summed over ranks); each MoE layer's load and
         losses; and each layer's routed counts for the expert-bias update.
         """
         dp = self.groups.dp_size
-        parts = [lm_loss.reshape(1)]
-        for s in stats:
-            parts += [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1), s.dropped.reshape(1),
-                      s.assignments.reshape(1), s.tokens_per_expert_E, s.routed_per_expert_E]
-        packed = torch.cat([p.float() for p in parts])
-        if dp > 1:
-            dist.all_reduce(packed, group=self.groups.dp)
+        E = self.cfg.model.moe.num_experts if self.cfg.model.moe else 0
+        width = 4 + 2 * E
+        packed = torch.zeros(1 + width * len(self.moe_layer_numbers), device=self.groups.device)
+        if self.schedule.has_loss:
+            packed[0] = lm_loss
+        for slot, s in zip(self.local_moe_slots, stats):
+            if s is None:
+                continue
+            parts = [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1), s.dropped.reshape(1),
+                     s.assignments.reshape(1), s.tokens_per_expert_E, s.routed_per_expert_E]
+            packed[1 + slot * width:1 + (slot + 1) * width] = torch.cat([p.float() for p in parts])
+        if self.groups.world_size > 1:
+            dist.all_reduce(packed)
         lm = float(packed[0]) / dp
-        loads, routed, offset = [], [], 1
-        for layer, s in zip(self.moe_layer_numbers, stats):
-            E = s.tokens_per_expert_E.numel()
-            chunk = packed[offset:offset + 4 + 2 * E]
-            offset += 4 + 2 * E
+        loads, routed = [], []
+        for slot, layer in enumerate(self.moe_layer_numbers):
+            chunk = packed[1 + slot * width:1 + (slot + 1) * width]
             losses = self._logged_losses(float(chunk[0]), float(chunk[1]), dp)
             loads.append(MoELayerLoad(chunk[4:4 + E].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0), layer, losses))
             routed.append(chunk[4 + E:])
@@ -187,12 +206,12 @@ class Trainer:
         total = torch.zeros((), device=self.groups.device)
         count = 0
         for _ in range(self.cfg.training.eval_iters):
-            for batch in _take(batches, self.cfg.num_microbatches, "evaluation data ran out"):
-                total += self.forward(batch).lm_loss.float()
-                count += 1
-        packed = torch.stack([total, torch.tensor(float(count), device=total.device)])
-        if self.groups.dp_size > 1:
-            dist.all_reduce(packed, group=self.groups.dp)
+            with self.autocast():
+                total += self.schedule.evaluate(_take(batches, self.cfg.num_microbatches, "evaluation data ran out"))
+            count += self.cfg.num_microbatches
+        packed = torch.stack([total, torch.tensor(float(count if self.schedule.has_loss else 0), device=total.device)])
+        if self.groups.world_size > 1:
+            dist.all_reduce(packed)
         self.model.train()
         return float(packed[0] / packed[1].clamp(min=1))
 

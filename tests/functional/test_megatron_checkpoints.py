@@ -45,7 +45,7 @@ def loaded(flags: str):
     train_ds, _, _ = build_datasets(cfg)
     batches = micro_batches(build_loader(train_ds, cfg, groups, trainer.state.consumed_train_samples), groups.device)
     with torch.no_grad():
-        losses = [trainer.forward(next(batches)).lm_loss for _ in range(cfg.num_microbatches)]
+        losses = [trainer.schedule.evaluate([next(batches)]) for _ in range(cfg.num_microbatches)]
     return trainer, float(sum(losses) / len(losses))
 
 

@@ -5,6 +5,11 @@
 `--overlap-grad-reduce`), computes the global gradient norm, clips, and builds the optimizer:
 plain AdamW over the parameters, or with `--use-distributed-optimizer` AdamW over this rank's
 shard of them followed by an all-gather of the updated parameters.
+
+Under pipeline parallelism each stage reduces its own parameters over its data-parallel
+ranks; the gradient norm sums every stage's share over the pipeline group; and when input and
+output embeddings are tied, the first and last stage's copies of the word embedding get the
+sum of both gradients (the last stage's copy is left out of the norm, counted once).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ DEFAULT_BUCKET_SIZE = 40_000_000
 class DataParallel:
     """Owns gradient buffers and their reduction for `model` (a plain nn.Module)."""
 
-    def __init__(self, model: nn.Module, groups: ProcessGroups, parallel: ParallelConfig):
+    def __init__(self, model: nn.Module, groups: ProcessGroups, parallel: ParallelConfig,
+                 tied_embedding: Optional[str] = None):
+        """tied_embedding: name of the word embedding when the first and last pipeline stage
+        each hold a copy of it (tied input and output weights), else None."""
         self.model = model
         self.groups = groups
         self.shard = parallel.use_distributed_optimizer
@@ -42,12 +50,17 @@ class DataParallel:
         self.dense = Section(dense, groups.dp, scale, self.shard, bucket, device)
         self.expert = Section(expert, groups.expert_dp, scale, self.shard, bucket, device)
         self.sections = [s for s in (self.dense, self.expert) if s.params]
-        # Groups over which each section's local squared norm is summed to the global norm.
-        world_group = groups.dp  # TP = PP = 1: the data-parallel group spans every rank
+        # Groups over which each section's local squared norm is summed to a stage's norm
+        # (TP = 1: the data-parallel group spans the stage's ranks), then over the pipeline group.
+        stage_group = groups.dp
         self.norm_groups = {
             id(self.dense): groups.dp if self.shard else None,
-            id(self.expert): world_group if self.shard else groups.ep,
+            id(self.expert): stage_group if self.shard else groups.ep,
         }
+        tied = dict(named).get(tied_embedding) if groups.embedding is not None and tied_embedding else None
+        self.tied_embedding = tied
+        """This stage's copy of the tied word embedding (first or last pipeline stage), else None."""
+        self.norm_excluded = [tied] if tied is not None and groups.pp_rank == groups.pp_size - 1 else []
         self._sync_enabled = True
         self._started: set = set()
         if self.overlap:
@@ -87,7 +100,10 @@ class DataParallel:
         self._started = set()
 
     def finish_grad_sync(self) -> None:
-        """Reduce every bucket not yet reduced and wait for all of them."""
+        """Sum the tied embedding copies' gradients (pipelining), then reduce every bucket not yet
+        reduced and wait for all of them."""
+        if self.tied_embedding is not None:
+            dist.all_reduce(self.dense.grad_view(self.tied_embedding), group=self.groups.embedding)
         for section in self.sections:
             section.finish(self._started)
         self._started = set()
@@ -102,12 +118,15 @@ class DataParallel:
         """Global L2 norm of the reduced gradients of the whole model, identical on every rank."""
         total = torch.zeros((), dtype=torch.float32, device=self.groups.device)
         for section in self.sections:
-            sq = sum((torch.linalg.vector_norm(g, dtype=torch.float32).square() for g in self._owned_grads(section)),
-                     start=total.new_zeros(()))
+            sq = sum((_sq(g) for g in self._owned_grads(section)), start=total.new_zeros(()))
+            sq = sq - sum((_sq(g) for p in self.norm_excluded if p in section.offsets
+                           for g in section.owned_parts(p)), start=total.new_zeros(()))
             group = self.norm_groups[id(section)]
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sq, group=group)
             total = total + sq
+        if self.groups.pp is not None:
+            dist.all_reduce(total, group=self.groups.pp)
         return math.sqrt(total.item())
 
     def scale_grads(self, factor: float) -> None:
@@ -128,6 +147,10 @@ class DataParallel:
                 views.append((section, view))
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return Optimizer(adamw(groups, cfg), self.sections, views)
+
+
+def _sq(g: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(g, dtype=torch.float32).square()
 
 
 class Optimizer:

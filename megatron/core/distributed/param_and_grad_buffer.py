@@ -115,6 +115,24 @@ class Section:
         o = self.offsets[p]
         return buffer[o:o + p.numel()].view_as(p)
 
+    def grad_view(self, p: nn.Parameter) -> torch.Tensor:
+        """p's gradient in the flat buffer."""
+        return self._view(self.grad_buffer, p)
+
+    def owned_parts(self, p: nn.Parameter) -> list[torch.Tensor]:
+        """The parts of p's gradient this rank owns: all of it, or with sharding its slices
+        inside this rank's chunk of each bucket."""
+        lo, hi = self.offsets[p], self.offsets[p] + p.numel()
+        if not self.shard:
+            return [self.grad_buffer[lo:hi]]
+        parts = []
+        for b in self.buckets:
+            c = (b.end - b.start) // self.size
+            a, z = max(lo, b.start + self.rank * c), min(hi, b.start + (self.rank + 1) * c)
+            if a < z:
+                parts.append(self.grad_buffer[a:z])
+        return parts
+
     def bucket_of(self) -> dict[nn.Parameter, Bucket]:
         return {p: b for b in self.buckets for p in b.params}
 

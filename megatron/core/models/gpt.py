@@ -42,12 +42,25 @@ class LanguageModelEmbedding(nn.Module):
         return self.dropout(x_BSD)
 
 
+class TiedOutputEmbedding(nn.Module):
+    """The last pipeline stage's copy of the word embedding, used as the output layer when input
+    and output weights are tied. Named like the first stage's (`embedding.word_embeddings`) and
+    drawn from the same seed, so both copies start equal and a checkpoint holds one tensor; the
+    training loop sums the two copies' gradients."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        init.normal_(self.word_embeddings.weight, init.init_std(config))
+
+
 @dataclass
 class GPTOutput:
     """logits_BSV: output logits (None when a loss was asked for, to save memory).
     lm_loss: mean cross-entropy over tokens with loss_mask = 1 (None without labels).
-    aux_loss: sum of the MoE layers' coefficient-scaled auxiliary losses (0 for dense);
-        add it to what is backpropagated, never to the reported LM loss.
+    aux_loss: sum of the MoE layers' coefficient-scaled auxiliary losses (0 for dense), detached,
+        for reporting: its gradient is already part of the backward pass (see
+        `moe_layer.AuxLossGradient`), so add nothing to what is backpropagated.
     routings: one RouterOutput per MoE layer, in layer order.
     """
 
@@ -58,39 +71,74 @@ class GPTOutput:
 
 
 class GPTModel(nn.Module):
-    """A GPT decoder, dense or MoE, with Megatron-Core parameter names."""
+    """A GPT decoder, dense or MoE, with Megatron-Core parameter names.
 
-    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute: Optional[RecomputePlan] = None):
+    The whole model by default. A pipeline rank builds only its share: `chunks` lists the
+    global indices of its layers (one list per model chunk), `pre_process` says whether it holds
+    the embedding (first stage), `post_process` the final norm and output layer (last stage).
+    With `init_seed`, every piece draws its weights from its own seed (`init.seeded`), so every
+    layout starts from the same weights.
+    """
+
+    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None,
+                 recompute: Optional[RecomputePlan | list[RecomputePlan]] = None,
+                 chunks: Optional[list[list[int]]] = None, pre_process: bool = True, post_process: bool = True,
+                 init_seed: Optional[int] = None):
         super().__init__()
         self.config = config
-        self.embedding = LanguageModelEmbedding(config)
+        self.pre_process, self.post_process = pre_process, post_process
+        self.embedding = None
+        if pre_process:
+            with init.seeded(init_seed, -1):
+                self.embedding = LanguageModelEmbedding(config)
+        elif post_process and not config.untie_embeddings_and_output_weights:
+            with init.seeded(init_seed, -1):
+                self.embedding = TiedOutputEmbedding(config)
         self.rotary_pos_emb = None
         if config.position_embedding_type == "rope":
             self.rotary_pos_emb = RotaryEmbedding(config.kv_channels, config.rotary_percent, config.rotary_base)
-        self.decoder = TransformerBlock(config, ep_group, dp_group, recompute)
+        self.decoder = TransformerBlock(config, ep_group, dp_group, recompute, chunks, final_norm=post_process,
+                                        init_seed=init_seed)
         self.output_layer = None
-        if config.untie_embeddings_and_output_weights:
-            self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            init.normal_(self.output_layer.weight, init.init_std(config))
+        if post_process and config.untie_embeddings_and_output_weights:
+            with init.seeded(init_seed, config.num_layers):
+                self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                init.normal_(self.output_layer.weight, init.init_std(config))
 
     def output_weight(self) -> torch.Tensor:
         return self.embedding.word_embeddings.weight if self.output_layer is None else self.output_layer.weight
 
+    def embed(self, tokens_BS: torch.Tensor, position_ids_BS: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens_BS -> x_BSD (first stage)."""
+        return self.embedding(tokens_BS, _positions(tokens_BS, position_ids_BS))
+
+    def rope(self, x_BS_: torch.Tensor, position_ids_BS: Optional[torch.Tensor] = None):
+        """The rotary tables for a batch shaped like x_BS_ (None without RoPE)."""
+        if self.rotary_pos_emb is None:
+            return None
+        position_ids_BS = _positions(x_BS_[..., 0] if x_BS_.dim() == 3 else x_BS_, position_ids_BS)
+        return self.rotary_pos_emb(position_ids_BS[0] if _same_rows(position_ids_BS) else position_ids_BS)
+
+    def loss(self, h_BSD: torch.Tensor, labels_BS: torch.Tensor, loss_mask_BS: Optional[torch.Tensor] = None):
+        """Mean LM loss of the final hidden states (last stage)."""
+        return fused_language_model_loss(h_BSD, self.output_weight(), labels_BS, loss_mask_BS)
+
     def forward(self, tokens_BS: torch.Tensor, position_ids_BS: Optional[torch.Tensor] = None,
                 labels_BS: Optional[torch.Tensor] = None, loss_mask_BS: Optional[torch.Tensor] = None) -> GPTOutput:
-        B, S = tokens_BS.shape
-        if position_ids_BS is None:
-            position_ids_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
-        x_BSD = self.embedding(tokens_BS, position_ids_BS)
-        rope = None
-        if self.rotary_pos_emb is not None:
-            rope = self.rotary_pos_emb(position_ids_BS[0] if _same_rows(position_ids_BS) else position_ids_BS)
-        h_BSD, routings = self.decoder(x_BSD, rope)
-        aux = sum((r.aux_loss for r in routings), start=h_BSD.new_zeros((), dtype=torch.float32))
+        """The whole model (every piece must be held: a single stage)."""
+        x_BSD = self.embed(tokens_BS, position_ids_BS)
+        h_BSD, routings = self.decoder(x_BSD, self.rope(tokens_BS, position_ids_BS))
+        aux = sum((r.aux_loss.detach() for r in routings), start=h_BSD.new_zeros((), dtype=torch.float32))
         if labels_BS is None:
             return GPTOutput(F.linear(h_BSD, self.output_weight()), None, aux, routings)
-        return GPTOutput(None, fused_language_model_loss(h_BSD, self.output_weight(), labels_BS, loss_mask_BS),
-                         aux, routings)
+        return GPTOutput(None, self.loss(h_BSD, labels_BS, loss_mask_BS), aux, routings)
+
+
+def _positions(tokens_BS: torch.Tensor, position_ids_BS: Optional[torch.Tensor]) -> torch.Tensor:
+    if position_ids_BS is not None:
+        return position_ids_BS
+    B, S = tokens_BS.shape
+    return torch.arange(S, device=tokens_BS.device).expand(B, S)
 
 
 def _same_rows(position_ids_BS: torch.Tensor) -> bool:

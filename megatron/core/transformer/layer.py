@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import ModelConfig
+from megatron.core.transformer import init
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
@@ -115,34 +116,73 @@ class TransformerLayer(nn.Module):
         return x_BSD + out, routing
 
 
+class LayersByIndex(nn.ModuleDict):
+    """Transformer layers keyed by their global index (`layers.7`), so that parameter names do
+    not depend on which layers a pipeline stage holds. Iterates over the layers in order, and
+    `layers[i]` is global layer i (torchtitan keeps its layers the same way)."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+    def __getitem__(self, index) -> nn.Module:
+        return super().__getitem__(str(index))
+
+
 class TransformerBlock(nn.Module):
-    """The layer stack and the final norm: x_BSD -> (x_BSD, [RouterOutput per MoE layer])."""
+    """The layer stack and the final norm, possibly only some of both (a pipeline rank's share).
 
-    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None, recompute: Optional[RecomputePlan] = None):
+    chunks: the global indices of the layers held, one list per model chunk (one chunk without
+        interleaved pipelining; default: every layer). Layers are registered under their global
+        index (`layers.7`), so parameter names do not depend on the pipeline layout.
+    recompute: one RecomputePlan per chunk, built for that chunk's layer count.
+    init_seed: draw each layer's weights from its own seed (`init.seeded`).
+    final_norm: whether this block holds the final norm (the last pipeline stage does).
+
+    `forward(x_BSD, rope)` runs every layer and the final norm (the whole model in one process);
+    `run_chunk(c, x_BSD, rope)` runs chunk c's layers only. Both return (x_BSD, [RouterOutput per
+    MoE layer run]).
+    """
+
+    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None,
+                 recompute: Optional[RecomputePlan | list[RecomputePlan]] = None,
+                 chunks: Optional[list[list[int]]] = None, final_norm: bool = True, init_seed: Optional[int] = None):
         super().__init__()
-        L = config.num_layers
-        recompute = recompute or RecomputePlan.build(L)
-        self.layers = nn.ModuleList(
-            TransformerLayer(config, i, ep_group, dp_group, recompute.per_layer[i]) for i in range(L)
-        )
-        self.final_layernorm = build_norm(config)
-        self.segments = _segments(L, recompute.full_segments)
+        chunks = [list(c) for c in chunks] if chunks is not None else [list(range(config.num_layers))]
+        plans = recompute if isinstance(recompute, list) else [recompute] * len(chunks)
+        plans = [plan or RecomputePlan.build(len(chunk)) for plan, chunk in zip(plans, chunks)]
+        self.layers = LayersByIndex()
+        for chunk, plan in zip(chunks, plans):
+            for j, i in enumerate(chunk):
+                with init.seeded(init_seed, i):
+                    self.layers[str(i)] = TransformerLayer(config, i, ep_group, dp_group, plan.per_layer[j])
+        self.final_layernorm = build_norm(config) if final_norm else None
+        self.chunks = chunks
+        self.chunk_segments = [_segments(len(chunk), plan.full_segments) for chunk, plan in zip(chunks, plans)]
 
-    def _run(self, start: int, end: int, x_BSD: torch.Tensor, rope) -> tuple[torch.Tensor, list[RouterOutput]]:
+    def _run(self, layers: list[nn.Module], x_BSD: torch.Tensor, rope) -> tuple[torch.Tensor, list[RouterOutput]]:
         routings = []
-        for layer in self.layers[start:end]:
+        for layer in layers:
             x_BSD, routing = layer(x_BSD, rope)
             if routing is not None:
                 routings.append(routing)
         return x_BSD, routings
 
+    def run_chunk(self, chunk: int, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, list[RouterOutput]]:
+        """Chunk `chunk`'s layers, with its activation recompute."""
+        layers = [self.layers[i] for i in self.chunks[chunk]]
+        routings = []
+        for start, end, full in self.chunk_segments[chunk]:
+            if full and self.training:
+                x_BSD, more = _recompute(self._run, layers[start:end], layers[start:end], x_BSD, rope)
+            else:
+                x_BSD, more = self._run(layers[start:end], x_BSD, rope)
+            routings += more
+        return x_BSD, routings
+
     def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, list[RouterOutput]]:
         routings = []
-        for start, end, full in self.segments:
-            if full and self.training:
-                x_BSD, more = _recompute(self._run, list(self.layers[start:end]), start, end, x_BSD, rope)
-            else:
-                x_BSD, more = self._run(start, end, x_BSD, rope)
+        for c in range(len(self.chunks)):
+            x_BSD, more = self.run_chunk(c, x_BSD, rope)
             routings += more
         return self.final_layernorm(x_BSD), routings
 

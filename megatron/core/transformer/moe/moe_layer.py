@@ -22,6 +22,28 @@ from megatron.core.transformer.moe.router import RouterOutput, build_router
 from megatron.core.transformer.moe.token_dispatcher import build_dispatcher
 
 
+class AuxLossGradient(torch.autograd.Function):
+    """Identity on `x`; in backward, also gives `aux_loss` the gradient `scale`.
+
+    This is how the auxiliary losses reach the router weights without being added to the loss
+    the loop backpropagates: the gradient enters inside the layer's own backward, so it works
+    the same under gradient accumulation and every pipeline schedule (the stage's forward
+    returns only its activations).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape = aux_loss.shape
+        ctx.aux_dtype = aux_loss.dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor):
+        grad_aux = torch.full(ctx.aux_shape, ctx.scale, dtype=ctx.aux_dtype, device=grad_x.device)
+        return grad_x, grad_aux, None
+
+
 class MoELayer(nn.Module):
     """hidden_BSD -> (output_BSD, RouterOutput). Module names follow Megatron-Core
     (`router`, `experts`, `shared_experts`) so state-dict keys line up with its checkpoints.
@@ -49,4 +71,6 @@ class MoELayer(nn.Module):
         out_TD = self.dispatcher.combine(y_ND, state)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(hidden_TD)
+        if routing.aux_loss.requires_grad:
+            out_TD = AuxLossGradient.apply(out_TD, routing.aux_loss, self.router.aux_loss_grad_scale)
         return out_TD.view(B, S, D).to(hidden_BSD.dtype), routing

@@ -17,8 +17,11 @@ Megatron-Core's top-k routing, number for number:
     z-loss:     coeff * mean_t logsumexp_e(logits_te)^2
 
 Aux and z-losses exist only while training with gradients on. They are returned in
-`RouterOutput.aux_loss` (coefficient-scaled, to be added to what is backpropagated) and in
-`RouterStats` without the coefficient, which is what Megatron-LM logs.
+`RouterOutput.aux_loss` (coefficient-scaled; the MoE layer makes its gradient part of the
+backward pass, see `moe_layer.AuxLossGradient`) and in `RouterStats` without the coefficient,
+which is what Megatron-LM logs. A training forward also adds its `RouterStats` to the router's
+`step_stats`, so that the training loop reads a step's numbers from the routers, whatever ran
+the forwards (a pipeline schedule returns no side outputs).
 
 The router computes in fp32 regardless of autocast: routing decisions are discrete and
 sensitive to rounding, and its matmul is tiny.
@@ -139,8 +142,22 @@ class Router(nn.Module):
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:  # pragma: no cover
         raise NotImplementedError
 
+    recomputing: bool = False
+    """True while activation recompute re-runs this router's forward (set by the layer)."""
+    step_stats: Optional[RouterStats] = None
+    """This step's RouterStats, summed over its training micro-batches (None before the first)."""
+    aux_loss_grad_scale: float = 1.0
+    """What the aux loss's gradient is multiplied by in backward: 1 / micro-batches per step
+    (times the loss scale under fp16), set by the training loop every step."""
+
     def start_step(self) -> None:
         """Called before the first micro-batch of every optimizer step."""
+        self.step_stats = None
+
+    def record(self, stats: RouterStats) -> None:
+        """Add one training micro-batch's stats to `step_stats` (not again when recomputing)."""
+        if not self.recomputing:
+            self.step_stats = stats if self.step_stats is None else self.step_stats + stats
 
     def update_expert_bias(self, routed_per_expert_E: torch.Tensor) -> None:
         """Called once per optimizer step with the step's global `routed_per_expert_E`."""
@@ -206,6 +223,8 @@ class TopKRouter(Router):
             load_balancing_loss=lb_raw.detach(),
             z_loss=z_raw.detach(),
         )
+        if with_losses:
+            self.record(stats)
         return RouterOutput(probs_TK, expert_idx_TK, keep_TK, capacity, aux_loss, stats)
 
     def jitter(self, x_TD: torch.Tensor) -> torch.Tensor:
@@ -267,6 +286,7 @@ class TopKRouter(Router):
         return self.step_counts_E / self.step_micro_batches, num_tokens
 
     def start_step(self) -> None:
+        super().start_step()
         self.step_counts_E.zero_()
         self.step_micro_batches.zero_()
 
