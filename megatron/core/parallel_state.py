@@ -76,8 +76,9 @@ class ProcessGroups:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: Optional[str] = None
     mesh: Optional[object] = None
+    """This rank's stage of the mesh, dims ("expert_dp", "ep"): experts are sharded over it."""
     dp: Optional[dist.ProcessGroup] = None
-    """Data-parallel group of the dense (non-expert) parameters: all ranks at TP = PP = 1."""
+    """Data-parallel group of the dense (non-expert) parameters: one stage's ranks (TP = 1)."""
     ep: Optional[dist.ProcessGroup] = None
     """Expert-parallel group: ranks that split one MoE layer's experts between them."""
     expert_dp: Optional[dist.ProcessGroup] = None
@@ -160,8 +161,8 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(device.type, (pp_size, world // (pp_size * ep_size), ep_size),
                             mesh_dim_names=("pp", "expert_dp", "ep"))
-    dp_mesh = mesh["expert_dp", "ep"]._flatten("dp")
-    stage_mesh = mesh["expert_dp", "ep"] if pp_size > 1 else mesh
+    stage_mesh = mesh["expert_dp", "ep"]  # this rank's stage: where experts are sharded
+    dp_mesh = stage_mesh._flatten("dp")
     return ProcessGroups(
         rank=rank,
         world_size=world,
