@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.config import Config
-from megatron.core.distributed import DataParallel
+from megatron.core.distributed import DataParallel, params_dtype
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -73,11 +73,11 @@ class Trainer:
             keep_freed_host_memory()
         self.cfg = cfg
         self.groups = groups
-        self.model = build_model(cfg, groups)
-        self.dp = DataParallel(self.model, groups, cfg.parallel)
+        t = cfg.training
+        self.model = build_model(cfg, groups)  # fp32; DataParallel casts it to bf16/fp16
+        self.dp = DataParallel(self.model, groups, cfg.parallel, params_dtype(t))
         self.optimizer = self.dp.build_optimizer(cfg.optimizer)
         self.scheduler = OptimizerParamScheduler(self.optimizer, cfg.optimizer)
-        t = cfg.training
         self.scaler = (LossScaler(t.initial_loss_scale, t.min_loss_scale, t.loss_scale_window, t.hysteresis,
                                   t.loss_scale) if t.fp16 else None)
         moe_layers = [layer for layer in self.model.decoder.layers if layer.is_moe]
@@ -86,16 +86,9 @@ class Trainer:
         self.state = TrainState()
         self.pending_save = None  # an asynchronous checkpoint in flight
         self.checkpoint_group = None  # process group of asynchronous checkpoint writes
-        self.autocast_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.groups.device.type, dtype=self.autocast_dtype)
 
     def forward(self, batch: dict):
-        with self.autocast():
-            return self.model(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
+        return self.model(batch["tokens"], batch["position_ids"], batch["labels"], batch["loss_mask"])
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> StepResult:

@@ -176,8 +176,7 @@ class TopKRouter(Router):
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
         moe = self.moe
         x_TD = self.jitter(hidden_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         probs_TK, expert_idx_TK = self.topk(logits_TE)
         T, K = expert_idx_TK.shape
 
