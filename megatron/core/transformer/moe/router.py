@@ -20,7 +20,7 @@ Aux and z-losses exist only while training with gradients on. They are returned 
 `RouterOutput.aux_loss` (coefficient-scaled, to be added to what is backpropagated) and in
 `RouterStats` without the coefficient, which is what Megatron-LM logs.
 
-The router computes in fp32 regardless of autocast: routing decisions are discrete and
+The router computes in fp32 whatever the parameters' dtype: routing decisions are discrete and
 sensitive to rounding, and its matmul is tiny.
 """
 
