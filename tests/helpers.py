@@ -32,14 +32,16 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: bool = True,
                 model_state: dict | None = None) -> dict:
     """Run `steps` optimizer steps with the real Trainer (starting from `model_state` if given);
-    return losses, grad norms, first-step gradients and final parameters (names as in the model;
-    expert tensors are this rank's slice)."""
+    return losses, grad norms, first-step gradients (the fp32 `main_grad`) and final parameters
+    (names as in the model; expert tensors are this rank's slice)."""
     from megatron.training.data import build_datasets, build_loader, micro_batches
     from megatron.training.train import Trainer
 
     trainer = Trainer(cfg, groups)
     if model_state is not None:
         trainer.model.load_state_dict(model_state)
+        if trainer.optimizer.has_main_params:  # bf16/fp16: the fp32 main parameters too
+            trainer.optimizer.load_main_params({p: model_state[n] for n, p in trainer.model.named_parameters()})
     if expert_bias is not None:
         for router in trainer.routers:
             router.expert_bias.copy_(torch.tensor(expert_bias))
@@ -52,7 +54,7 @@ def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: b
         norms.append(result.grad_norm)
         loads.append([l.tokens_per_expert_E for l in result.moe_loads])
         if step == 0 and keep_grads:
-            grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
+            grads = {n: p.main_grad.detach().clone() for n, p in trainer.model.named_parameters()}
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in trainer.model.named_buffers()}
     layer = next((l.mlp for l in trainer.model.decoder.layers if l.is_moe), None)  # this rank's layers

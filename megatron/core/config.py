@@ -251,9 +251,13 @@ class TrainingConfig:
     seed: int = 1234
     """Seed of every random number generator (`--seed`)."""
     bf16: bool = False
-    """bfloat16 autocast with fp32 parameters (`--bf16`)."""
+    """bf16 model parameters, activations and gradients, Megatron's mixed-precision layout
+    (`--bf16`): the model is initialised in fp32 and rounded; gradients accumulate and are
+    reduced in fp32 buffers; the optimizer updates fp32 main parameters (part of the optimizer
+    state, sharded with `--use-distributed-optimizer`) and rounds them into the model after
+    each step. The loss, softmax and router stay fp32. False: everything fp32."""
     fp16: bool = False
-    """float16 autocast with dynamic loss scaling (`--fp16`)."""
+    """The `bf16` layout with fp16 parameters, plus dynamic loss scaling (`--fp16`)."""
     loss_scale: Optional[float] = None
     """Static fp16 loss scale; None for dynamic (`--loss-scale`)."""
     initial_loss_scale: float = 2.0**32

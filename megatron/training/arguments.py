@@ -44,7 +44,6 @@ NO_OP_FLAGS: list[tuple[str, bool]] = [
     ("--no-async-tensor-model-parallel-allreduce", False),
     ("--use-flash-attn", False),
     ("--attention-softmax-in-fp32", False),
-    ("--accumulate-allreduce-grads-in-fp32", False),
     ("--cross-entropy-loss-fusion", False),
     ("--moe-permute-fusion", False),
     ("--sequence-parallel", False),
@@ -215,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=None)
     g.add_argument("--train-samples", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters with fp32 gradients and main parameters")
+    g.add_argument("--fp16", action="store_true", help="fp16 parameters, as --bf16, with dynamic loss scaling")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true", default=True,
+                   help="always on: gradients accumulate and are reduced in fp32 buffers, whatever the precision")
     g.add_argument("--loss-scale", type=float, default=None)
     g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
     g.add_argument("--min-loss-scale", type=float, default=1.0)
@@ -397,6 +398,9 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
                         ("--expert-tensor-parallel-size", args.expert_tensor_parallel_size)]:
         if value not in (None, 1):
             raise ArgumentError(f"{flag} > 1 is not supported yet; use 1")
+    if not args.accumulate_allreduce_grads_in_fp32:
+        raise ArgumentError("--accumulate-allreduce-grads-in-fp32 cannot be turned off: gradients always "
+                            "accumulate and are reduced in fp32")
     if args.transformer_impl == "transformer_engine":
         warnings.warn("--transformer-impl transformer_engine: no Transformer Engine backend yet; computing with the "
                       "local implementation (--ckpt-format torch writes Transformer Engine's tensor names)")

@@ -37,6 +37,8 @@ import torch.distributed as dist
 from megatron.core.atomic_file import atomic_file
 from megatron.core.config import Config
 from megatron.core.dist_checkpointing import (
+    MAIN_PARAM,
+    MOMENTS,
     load_optimizer_state_by_name,
     local_tensors,
     optimizer_state_by_name,
@@ -292,6 +294,9 @@ def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> N
     else:
         common, tensors, rng = _load_legacy(cfg, groups, directory, trainer.model)
     load_model_state(trainer.model, tensors["model"], directory)
+    if trainer.optimizer.has_main_params:  # from the checkpoint's weights, unrounded when they are fp32
+        weights = {p: tensors["model"][n] for n, p in trainer.model.named_parameters()}
+        trainer.optimizer.load_main_params(weights)
     restore_training_state(trainer, cfg, common, tensors.get("optimizer"), rng, directory)
     print_rank_0(groups.is_main, f"  loaded checkpoint from {ck.load} at iteration {trainer.state.iteration}")
 
@@ -333,13 +338,14 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
     if want_optim and not has_optim:
         raise CheckpointError(f"--load: {directory} has no optimizer state (saved with --no-save-optim, "
                               "or converted); pass --no-load-optim, or --finetune")
-    target = {"model": shard_experts({k: v.detach().clone() for k, v in trainer.model.state_dict().items()}, groups)}
+    # Read in fp32, whatever either side's precision: an fp32 checkpoint's weights then seed a
+    # bf16 run's main parameters unrounded (bf16 values read into fp32 exactly).
+    target = {"model": shard_experts({k: _fp32_copy(v) for k, v in trainer.model.state_dict().items()}, groups)}
     check_tensor_shapes(metadata, whole_model_shapes(cfg), "model", directory)
-    optim_local = None
     if want_optim:
-        optim_local = optimizer_state_by_name(trainer.model, trainer.optimizer)
+        saved_keys = set(metadata.state_dict_metadata)
         target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in m.items()}
-                               for name, m in optim_local["state"].items()}
+                               for name, m in _optimizer_target(trainer, saved_keys).items()}
     try:
         dcp.load(target, storage_reader=safe_reader(directory), no_dist=groups.world_size == 1)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
@@ -352,6 +358,24 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
     rng_path = os.path.join(directory, f"rng_rank_{groups.rank:05d}.pt")
     rng = load_file(rng_path) if os.path.isfile(rng_path) else None
     return common, tensors, rng
+
+
+def _fp32_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float() if t.is_floating_point() else t.detach().clone()
+
+
+def _optimizer_target(trainer: "Trainer", saved_keys: set) -> dict:
+    """{name: {key: fp32 T}} to read into: the moments, and `main_param` where the checkpoint
+    has it (a bf16/fp16 run's), whatever this run's precision."""
+    state = optimizer_state_by_name(trainer.model, trainer.optimizer)["state"]
+    shapes = {n: p for n, p in trainer.model.named_parameters()}
+    out = {}
+    for name, entry in state.items():
+        entry = {k: v for k, v in entry.items() if k in MOMENTS}
+        if f"optimizer.{name}.{MAIN_PARAM}" in saved_keys:
+            entry[MAIN_PARAM] = torch.zeros(shapes[name].shape, dtype=torch.float32, device=shapes[name].device)
+        out[name] = entry
+    return out
 
 
 def whole_model_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.config import Config
-from megatron.core.distributed import DataParallel
+from megatron.core.distributed import DataParallel, params_dtype
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.grad_scaler import LossScaler
 from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
@@ -91,13 +91,13 @@ class Trainer:
             keep_freed_host_memory()
         self.cfg = cfg
         self.groups = groups
-        self.model = build_model(cfg, groups)
+        t = cfg.training
+        self.model = build_model(cfg, groups)  # fp32; DataParallel casts it to bf16/fp16
         tied = None if cfg.model.untie_embeddings_and_output_weights else "embedding.word_embeddings.weight"
-        self.dp = DataParallel(self.model, groups, cfg.parallel, tied_embedding=tied)
+        self.dp = DataParallel(self.model, groups, cfg.parallel, params_dtype(t), tied_embedding=tied)
         self.schedule = build_schedule(cfg, groups, self.model, self.dp)
         self.optimizer = self.dp.build_optimizer(cfg.optimizer)
         self.scheduler = OptimizerParamScheduler(self.optimizer, cfg.optimizer)
-        t = cfg.training
         self.scaler = (LossScaler(t.initial_loss_scale, t.min_loss_scale, t.loss_scale_window, t.hysteresis,
                                   t.loss_scale) if t.fp16 else None)
         moe_layers = [layer for layer in self.model.decoder.layers if layer.is_moe]
@@ -109,12 +109,6 @@ class Trainer:
         self.state = TrainState()
         self.pending_save = None  # an asynchronous checkpoint in flight
         self.checkpoint_group = None  # process group of asynchronous checkpoint writes
-        self.autocast_dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.groups.device.type, dtype=self.autocast_dtype)
 
     # ------------------------------------------------------------------ one step
     def train_step(self, batches: list[dict]) -> StepResult:
@@ -127,8 +121,7 @@ class Trainer:
         for router in self.routers:
             router.start_step()
             router.aux_loss_grad_scale = loss_scale / n
-        with self.autocast():
-            lm_sum = self.schedule.train(batches, loss_scale)
+        lm_sum = self.schedule.train(batches, loss_scale)
         self.dp.finish_grad_sync()
         lm_loss, aux, loads, routed = self._reduce_metrics(lm_sum / n, [r.step_stats for r in self.routers], n)
 
@@ -206,8 +199,7 @@ class Trainer:
         total = torch.zeros((), device=self.groups.device)
         count = 0
         for _ in range(self.cfg.training.eval_iters):
-            with self.autocast():
-                total += self.schedule.evaluate(_take(batches, self.cfg.num_microbatches, "evaluation data ran out"))
+            total += self.schedule.evaluate(_take(batches, self.cfg.num_microbatches, "evaluation data ran out"))
             count += self.cfg.num_microbatches
         packed = torch.stack([total, torch.tensor(float(count if self.schedule.has_loss else 0), device=total.device)])
         if self.groups.world_size > 1:

@@ -18,7 +18,7 @@ from megatron.core.datasets.indexed_dataset import write_dataset
 from megatron.core.pipeline_parallel.schedules import NoPipelining
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets
-from megatron.training.train import Trainer, TrainState, pretrain
+from megatron.training.train import TrainState, pretrain
 from tests.helpers import TINY_FLAGS, make_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

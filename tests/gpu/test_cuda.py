@@ -50,9 +50,9 @@ def test_bf16_grouped_experts_match_fp32_loop_on_cpu(device=DEVICE):
 
     dev = GroupedExperts(cfg.model, 4).to(device)
     dev.load_state_dict(ref.state_dict())
-    x_dev = x.to(device).requires_grad_()
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-        y_dev = dev(x_dev, counts_E.to(device))
+    dev.bfloat16()  # as --bf16 runs it: bf16 weights and activations
+    x_dev = x.to(device, torch.bfloat16).requires_grad_()
+    y_dev = dev(x_dev, counts_E.to(device))
     y_dev.float().backward(g.to(device))
     assert rel_diff(y_dev.detach().float().cpu(), y_ref.detach()) < 1e-2
     assert rel_diff(x_dev.grad.float().cpu(), x_ref.grad) < 1e-2

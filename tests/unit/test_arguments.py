@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 import pretrain_gpt
-from megatron.training.arguments import ArgumentError, parse_args, parse_moe_layer_freq
+from megatron.training.arguments import ArgumentError, config_from_args, parse_args, parse_moe_layer_freq
 from tests.helpers import TINY_FLAGS, make_config
 
 
@@ -58,6 +58,17 @@ def test_no_op_flags_are_accepted_with_one_warning():
     for flag in ("--use-mcore-models", "--no-masked-softmax-fusion", "--sequence-parallel", "--timing-log-level"):
         assert sum(flag in m for m in messages) == 1, flag
     assert not any("--moe-grouped-gemm" in m for m in messages)
+
+
+def test_accumulate_allreduce_grads_in_fp32_is_always_on(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_config("--bf16 --accumulate-allreduce-grads-in-fp32")
+    assert not any("accumulate-allreduce" in str(w.message) for w in caught)
+    path = tmp_path / "c.yaml"
+    path.write_text("accumulate-allreduce-grads-in-fp32: false\n")
+    with pytest.raises(ArgumentError, match="--accumulate-allreduce-grads-in-fp32 cannot be turned off"):
+        config_from_args(parse_args(TINY_FLAGS.split() + ["--config", str(path)]), world_size=1)
 
 
 def test_moe_layer_freq_forms():

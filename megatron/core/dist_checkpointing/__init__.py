@@ -22,11 +22,15 @@ if TYPE_CHECKING:
     from megatron.core.distributed import Optimizer
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+MAIN_PARAM = "main_param"
+"""The fp32 main parameter, saved beside the moments by runs with bf16/fp16 parameters."""
 
 
 def optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer") -> dict:
-    """{'step': int, 'state': {param name: {'exp_avg': T, 'exp_avg_sq': T}}}, each T shaped like
-    the model parameter (experts: this rank's experts). Collective under the distributed optimizer."""
+    """{'step': int, 'state': {param name: {'exp_avg': T, 'exp_avg_sq': T[, 'main_param': T]}}},
+    each T fp32 and shaped like the model parameter (experts: this rank's experts);
+    'main_param' only when the optimizer holds fp32 main parameters (bf16/fp16 runs).
+    Collective under the distributed optimizer."""
     names = {p: n for n, p in model.named_parameters()}
     inner = optimizer.inner
     step = max((int(s["step"]) for s in inner.state.values() if "step" in s), default=0)
@@ -34,15 +38,19 @@ def optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer") -> dict:
         state = {names[p]: {k: inner.state[p][k].detach().clone() if p in inner.state else torch.zeros_like(p)
                             for k in MOMENTS} for p in names}
         return {"step": step, "state": state}
+    keys = MOMENTS + ((MAIN_PARAM,) if optimizer.has_main_params else ())
     state = {}
-    for section in optimizer.sharded_sections:
-        for key in MOMENTS:
+    for section in optimizer.sections:
+        for key in keys:
             flat = torch.zeros_like(section.grad_buffer)
             for sec, view in optimizer.shard_views:
-                if sec is section and view.shard in inner.state:
+                if sec is not section:
+                    continue
+                value = view.shard.detach() if key == MAIN_PARAM else inner.state.get(view.shard, {}).get(key)
+                if value is not None:
                     o = section.offsets[view.param]
-                    flat[o + view.start:o + view.end] = inner.state[view.shard][key]
-            if section.size > 1:  # shards are disjoint: a sum assembles them
+                    flat[o + view.start:o + view.end] = value
+            if section.shard and section.size > 1:  # shards are disjoint: a sum assembles them
                 dist.all_reduce(flat, group=section.group)
             for p in section.params:
                 o = section.offsets[p]
@@ -51,12 +59,20 @@ def optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer") -> dict:
 
 
 def load_optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer", saved: dict) -> None:
-    """Inverse of `optimizer_state_by_name`, for this run's layout (parameter names must match)."""
+    """Inverse of `optimizer_state_by_name`, for this run's layout (parameter names must match).
+
+    Saved 'main_param' entries become the optimizer's parameters (and, rounded, the model's),
+    whatever this run's precision; without them the parameters keep their values (the model's
+    weights, see `Optimizer.load_main_params`). Moments are cast to the optimizer's dtype.
+    Collective under the distributed optimizer."""
     name_of = {p: n for n, p in model.named_parameters()}
     missing = sorted(set(name_of.values()) - set(saved["state"]))
     if missing:
         raise ValueError(f"optimizer state is missing {len(missing)} parameters (e.g. {missing[0]})")
-    # Each optimizer parameter is a whole model parameter, or a flat slice of one (sharded).
+    mains = {p: saved["state"][n][MAIN_PARAM] for p, n in name_of.items() if MAIN_PARAM in saved["state"][n]}
+    if mains:
+        optimizer.load_main_params(mains)
+    # Each optimizer parameter is a whole model parameter, or a flat slice of one.
     source = {p: (n, None, None) for p, n in name_of.items()}
     source.update({v.shard: (name_of[v.param], v.start, v.end) for _, v in optimizer.shard_views})
     state, groups, index = {}, [], 0

@@ -1,10 +1,18 @@
 """Data parallelism around a single-device model: gradient reduction and the optimizer over it.
 
-`DataParallel(model, groups, parallel_cfg)` gives the model flat gradient buffers (see
-`param_and_grad_buffer`), reduces them once per optimizer step (overlapped with backward under
-`--overlap-grad-reduce`), computes the global gradient norm, clips, and builds the optimizer:
-plain AdamW over the parameters, or with `--use-distributed-optimizer` AdamW over this rank's
-shard of them followed by an all-gather of the updated parameters.
+`DataParallel(model, groups, parallel_cfg, params_dtype)` gives the model flat fp32 gradient
+buffers (see `param_and_grad_buffer`), casts its parameters to `params_dtype`, reduces the
+gradients once per optimizer step (overlapped with backward under `--overlap-grad-reduce`),
+computes the global gradient norm, clips, and builds the optimizer: AdamW over the model
+parameters (fp32, unsharded), or over fp32 main parameters that stand for them (bf16/fp16
+parameters, or this rank's shard under `--use-distributed-optimizer`), which are copied back
+into the model and all-gathered after each step.
+
+Bytes per parameter (model parameter + fp32 gradient + optimizer state):
+
+    fp32:                        4 + 4 + 8          (AdamW's two moments)
+    bf16/fp16:                   2 + 4 + 12         (fp32 main parameter + two moments)
+    bf16 + distributed optimizer 2 + 4 + 12 / DP
 
 Under pipeline parallelism each stage reduces its own parameters over its data-parallel
 ranks; the gradient norm sums every stage's share over the pipeline group; and when input and
@@ -22,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron.core.config import OptimizerConfig, ParallelConfig
+from megatron.core.config import OptimizerConfig, ParallelConfig, TrainingConfig
 from megatron.core.distributed.param_and_grad_buffer import Section, ShardView
 from megatron.core.optimizer import adamw, is_expert_param, param_groups
 from megatron.core.parallel_state import ProcessGroups
@@ -30,11 +38,17 @@ from megatron.core.parallel_state import ProcessGroups
 DEFAULT_BUCKET_SIZE = 40_000_000
 
 
+def params_dtype(training: TrainingConfig) -> torch.dtype:
+    """The model parameters' dtype: bf16 under `--bf16`, fp16 under `--fp16`, else fp32."""
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
+
+
 class DataParallel:
-    """Owns gradient buffers and their reduction for `model` (a plain nn.Module)."""
+    """Owns gradient buffers and their reduction for `model` (a plain nn.Module whose
+    parameters are fp32; they are cast to `dtype` here)."""
 
     def __init__(self, model: nn.Module, groups: ProcessGroups, parallel: ParallelConfig,
-                 tied_embedding: Optional[str] = None):
+                 dtype: torch.dtype = torch.float32, tied_embedding: Optional[str] = None):
         """tied_embedding: name of the word embedding when the first and last pipeline stage
         each hold a copy of it (tied input and output weights), else None."""
         self.model = model
@@ -47,8 +61,8 @@ class DataParallel:
         expert = [p for n, p in reversed(named) if is_expert_param(n)]
         scale = 1.0 / groups.dp_size
         device = groups.device
-        self.dense = Section(dense, groups.dp, scale, self.shard, bucket, device)
-        self.expert = Section(expert, groups.expert_dp, scale, self.shard, bucket, device)
+        self.dense = Section(dense, groups.dp, scale, self.shard, bucket, device, dtype)
+        self.expert = Section(expert, groups.expert_dp, scale, self.shard, bucket, device, dtype)
         self.sections = [s for s in (self.dense, self.expert) if s.params]
         # Groups over which each section's local squared norm is summed to a stage's norm
         # (TP = 1: the data-parallel group spans the stage's ranks), then over the pipeline group.
@@ -63,7 +77,7 @@ class DataParallel:
         self.norm_excluded = [tied] if tied is not None and groups.pp_rank == groups.pp_size - 1 else []
         self._sync_enabled = True
         self._started: set = set()
-        if self.overlap:
+        if self.overlap or dtype != torch.float32:
             self._register_hooks()
 
     # ------------------------------------------------------------------ reduction
@@ -74,8 +88,12 @@ class DataParallel:
                 p.register_post_accumulate_grad_hook(self._make_hook(section, owner[p]))
 
     def _make_hook(self, section: Section, bucket):
+        """After autograd accumulated `param.grad`: move it into main_grad (bf16/fp16), then,
+        under overlap, start the bucket's reduction once all its parameters have reported."""
         def hook(param: torch.Tensor) -> None:
-            if not self._sync_enabled:
+            if section.mixed:
+                section.accumulate_main_grad(param)
+            if not self.overlap or not self._sync_enabled:
                 return
             bucket.pending.discard(param)
             if not bucket.pending and id(bucket) not in self._started:
@@ -136,15 +154,16 @@ class DataParallel:
 
     # ------------------------------------------------------------------ optimizer
     def build_optimizer(self, cfg: OptimizerConfig) -> "Optimizer":
-        if not self.shard:
-            return Optimizer(adamw(param_groups(self.model, cfg.weight_decay), cfg), [])
+        """AdamW over the model parameters (fp32, unsharded), or over the sections' fp32 main
+        parameters, with Megatron's weight-decay groups either way."""
+        views = [(section, view) for section in self.sections for view in section.shard_views()]
+        if not views:
+            return Optimizer(adamw(param_groups(self.model, cfg.weight_decay), cfg), self.sections)
         names = {p: n for n, p in self.model.named_parameters()}
-        decay, no_decay, views = [], [], []
-        for section in self.sections:
-            for view in section.shard_views():
-                no_wd = view.param.dim() == 1 or names[view.param].endswith(".bias")
-                (no_decay if no_wd else decay).append(view.shard)
-                views.append((section, view))
+        decay, no_decay = [], []
+        for _, view in views:
+            no_wd = view.param.dim() == 1 or names[view.param].endswith(".bias")
+            (no_decay if no_wd else decay).append(view.shard)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return Optimizer(adamw(groups, cfg), self.sections, views)
 
@@ -154,26 +173,51 @@ def _sq(g: torch.Tensor) -> torch.Tensor:
 
 
 class Optimizer:
-    """AdamW, plus the parameter all-gather that follows a sharded step.
+    """AdamW, plus what follows a step: rounding fp32 main parameters into bf16/fp16 model
+    parameters, and the parameter all-gather of the distributed optimizer.
 
-    `shard_views` lists, with the distributed optimizer, which slice of which model parameter
-    each optimizer parameter is (empty otherwise: the optimizer holds the model parameters).
+    `shard_views` lists which slice of which model parameter each optimizer parameter stands
+    for (empty for fp32 without the distributed optimizer: the optimizer holds the model
+    parameters).
     """
 
-    def __init__(self, inner: torch.optim.Optimizer, sharded_sections: list[Section],
+    def __init__(self, inner: torch.optim.Optimizer, sections: list[Section],
                  shard_views: Optional[list[tuple[Section, ShardView]]] = None):
         self.inner = inner
-        self.sharded_sections = sharded_sections
+        self.sections = sections
         self.shard_views = shard_views or []
 
     @property
     def param_groups(self):
         return self.inner.param_groups
 
+    @property
+    def has_main_params(self) -> bool:
+        """Whether the optimizer holds fp32 copies of low-precision model parameters."""
+        return any(section.mixed for section in self.sections)
+
     def step(self) -> None:
         self.inner.step()
-        for section in self.sharded_sections:
+        self.copy_main_to_model()
+
+    def copy_main_to_model(self) -> None:
+        """Make the model parameters (every rank's whole copy) equal the main parameters."""
+        for section in self.sections:
+            section.copy_main_to_params()
             section.all_gather_params()
+
+    @torch.no_grad()
+    def load_main_params(self, values: dict[nn.Parameter, torch.Tensor]) -> None:
+        """Set the optimizer's parameters from whole-parameter `values` (any float dtype, the
+        model parameter's shape), and the model parameters to match (rounded)."""
+        if not self.shard_views:
+            for p, value in values.items():
+                p.copy_(value)
+            return
+        for _, view in self.shard_views:
+            if view.param in values:
+                view.shard.copy_(values[view.param].reshape(-1)[view.start:view.end])
+        self.copy_main_to_model()
 
     def state_dict(self) -> dict:
         return self.inner.state_dict()

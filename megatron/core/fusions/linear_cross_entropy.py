@@ -66,12 +66,7 @@ def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch
                          weights_T: torch.Tensor) -> torch.Tensor:
     """sum_t weights_T[t] * cross_entropy(h_TD[t] @ w_VD^T, labels_T[t]) as a scalar fp32 tensor.
 
-    Under autocast the matmuls run in the autocast dtype (as F.linear would); the softmax and
-    the loss are fp32.
+    h_TD and w_VD share a dtype (bf16/fp16 parameters: the matmuls run in it); the logits, the
+    softmax, the loss and the accumulation of dW over chunks are fp32.
     """
-    device = h_TD.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        h_TD, w_VD = h_TD.to(dtype), w_VD.to(dtype)
-    with torch.autocast(device_type=device, enabled=False):
-        return _LinearCrossEntropy.apply(h_TD.contiguous(), w_VD, labels_T.contiguous(), weights_T.contiguous())
+    return _LinearCrossEntropy.apply(h_TD.contiguous(), w_VD, labels_T.contiguous(), weights_T.contiguous())

@@ -49,12 +49,9 @@ def _aligned(t: torch.Tensor) -> bool:
 def grouped_gemm(x_ND: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """y_NF[rows of expert e] = x_ND[rows of expert e] @ w_EDF[e]; rows are grouped by expert.
 
-    `tokens_per_expert_E` (on x's device) must sum to N. Differentiable in x and w. Under
-    autocast both operands are cast to the autocast dtype, as a matmul would be.
+    `tokens_per_expert_E` (on x's device) must sum to N. Differentiable in x and w, which
+    share a dtype.
     """
-    if torch.is_autocast_enabled(x_ND.device.type):
-        dtype = torch.get_autocast_dtype(x_ND.device.type)
-        x_ND, w_EDF = x_ND.to(dtype), w_EDF.to(dtype)
     x_ND = x_ND.contiguous()
     if _grouped_mm_works(x_ND.device.type, x_ND.dtype) and _aligned(x_ND) and _aligned(w_EDF):
         offsets_E = torch.cumsum(tokens_per_expert_E, 0, dtype=torch.int32)
@@ -117,10 +114,10 @@ class GroupedExperts(nn.Module):
         if self.bias1 is not None:
             expert_of_row_N = torch.repeat_interleave(
                 torch.arange(self.num_local_experts, device=x_ND.device), tokens_per_expert_E, output_size=x_ND.shape[0])
-            h_NF = h_NF + self.bias1[expert_of_row_N].to(h_NF.dtype)
+            h_NF = h_NF + self.bias1[expert_of_row_N]
         y_ND = grouped_gemm(self.act(h_NF), self.weight2, tokens_per_expert_E)
         if self.bias2 is not None:
-            y_ND = y_ND + self.bias2[expert_of_row_N].to(y_ND.dtype)
+            y_ND = y_ND + self.bias2[expert_of_row_N]
         return y_ND
 
 

@@ -23,7 +23,7 @@ which is what Megatron-LM logs. A training forward also adds its `RouterStats` t
 `step_stats`, so that the training loop reads a step's numbers from the routers, whatever ran
 the forwards (a pipeline schedule returns no side outputs).
 
-The router computes in fp32 regardless of autocast: routing decisions are discrete and
+The router computes in fp32 whatever the parameters' dtype: routing decisions are discrete and
 sensitive to rounding, and its matmul is tiny.
 """
 
@@ -193,8 +193,7 @@ class TopKRouter(Router):
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
         moe = self.moe
         x_TD = self.jitter(hidden_TD)
-        with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+        logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
         probs_TK, expert_idx_TK = self.topk(logits_TE)
         T, K = expert_idx_TK.shape
 
