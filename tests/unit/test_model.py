@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron.core.transformer.moe import experts
 from megatron.core.models.gpt import GPTModel, language_model_loss
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.rope import RotaryEmbedding, apply_rotary
@@ -99,6 +100,14 @@ def test_language_model_loss_mask():
     torch.testing.assert_close(language_model_loss(logits, labels, mask), (ce[0] + ce[2]) / 2)
 
 
+def test_grouped_mm_probe_is_independent_of_grad_mode():
+    experts._grouped_mm_works.cache_clear()
+    with torch.no_grad():
+        in_eval = experts._grouped_mm_works("cpu", torch.float32)
+    experts._grouped_mm_works.cache_clear()
+    assert in_eval == experts._grouped_mm_works("cpu", torch.float32)
+
+
 @pytest.mark.parametrize("granularity", ["--recompute-granularity full", "--recompute-granularity selective",
                                          "--recompute-granularity full --recompute-method uniform --recompute-num-layers 2",
                                          "--recompute-granularity full --recompute-method block --recompute-num-layers 1",
@@ -112,7 +121,8 @@ def test_recompute_gives_same_gradients(granularity):
     torch.manual_seed(0)
     recomputed = GPTModel(cfg.model, recompute=recompute_plan(cfg))
     tokens = torch.randint(0, 64, (2, 16))
-    for m in (plain, recomputed):
+    experts._grouped_mm_works.cache_clear()  # the first forward probes grouped_mm inside the checkpoint
+    for m in (recomputed, plain):
         out = m(tokens, labels_BS=tokens)
         (out.lm_loss + out.aux_loss).backward()
     for (n, a), (_, b) in zip(plain.named_parameters(), recomputed.named_parameters()):

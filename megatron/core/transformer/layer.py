@@ -55,23 +55,29 @@ class RecomputePlan:
         return RecomputePlan((), (mode,) * num_layers)
 
 
-@contextlib.contextmanager
-def _routers_recomputing(modules: list[nn.Module]):
-    """Mark the routers inside `modules` as re-running a forward (they must not count twice)."""
-    routers = [m for module in modules for m in module.modules() if isinstance(m, Router)]
-    for router in routers:
-        router.recomputing = True
-    try:
-        yield
-    finally:
-        for router in routers:
+class _RoutersRecomputing:
+    """Context: the routers inside `modules` are re-running a forward (they must not count it
+    again). A class, not a generator, because torch may enter a checkpoint's recompute context
+    more than once (seen with torch 2.11 on CUDA)."""
+
+    def __init__(self, modules: list[nn.Module]):
+        self.routers = [m for module in modules for m in module.modules() if isinstance(m, Router)]
+
+    def __enter__(self):
+        for router in self.routers:
+            router.recomputing = True
+        return self
+
+    def __exit__(self, *exc):
+        for router in self.routers:
             router.recomputing = False
+        return False
 
 
 def _recompute(fn, modules: list[nn.Module], *args):
     """fn(*args), keeping only its inputs; re-run in backward with the routers of `modules` told so."""
     return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _routers_recomputing(modules)))
+                      context_fn=lambda: (contextlib.nullcontext(), _RoutersRecomputing(modules)))
 
 
 class TransformerLayer(nn.Module):

@@ -23,9 +23,18 @@ from megatron.core.transformer.mlp import activation
 
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
-    """Probe once per (device, dtype) whether grouped_mm runs forward and backward correctly."""
+    """Probe once per (device, dtype) whether grouped_mm runs forward and backward correctly.
+
+    The probe has its own autograd graph: gradients on even under `no_grad` (evaluation), and
+    identity saved-tensor hooks so that an enclosing activation checkpoint does not count its
+    tensors (the recompute, which finds the answer cached, would save fewer)."""
     if not hasattr(F, "grouped_mm"):
         return False
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return _probe_grouped_mm(device_type, dtype)
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(24, 16, generator=gen).to(device_type, dtype).requires_grad_()
