@@ -5,14 +5,17 @@
         .metadata, __R_0.distcp                        torch.distributed.checkpoint shards
         common.pt                                      iteration, schedule, scaler, args, config
         rng_rank_00000.pt ...                          each rank's RNG states
-    <save>/iter_0000100/mp_rank_00[_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
+    <save>/iter_0000100/mp_rank_00[_PPP][_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
 
 Model and optimizer tensors are keyed by parameter name and shaped like the parameters (see
 `megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any world size and
 expert-parallel size. The legacy files are Megatron-LM's: model tensors under Megatron-Core's
 names for `--transformer-impl` / `--moe-grouped-gemm` (`megatron_layout`), `args` with the
 attributes Megatron-LM reads to resume; any Megatron-LM legacy checkpoint loads (its layout is
-detected). Every file is read without running code from it (`safe_load`).
+detected). With pipeline stages there is one file per (pipeline rank, expert-parallel rank), each
+model chunk's layers numbered from 0 as in Megatron-LM (`model`, or `model0`, `model1`, ...
+with virtual stages); loading renumbers them by the split the saved `args` describe, which must
+be the run's. Every file is read without running code from it (`safe_load`).
 
 A checkpoint is written under `iter_N.tmp` and renamed when every rank has finished; the
 `latest` file moves last. A process killed during a save therefore leaves the previous

@@ -318,8 +318,9 @@ def merge_pipeline_chunks(chunks: list[Mapping[str, Any]], pipeline: "PipelineLa
 def megatron_args(args: Optional[argparse.Namespace], model: "ModelConfig", **run: Any) -> argparse.Namespace:
     """The `args` entry of a checkpoint: a copy of the flag namespace `args` (or an empty one) with
     what Megatron-LM reads from a checkpoint set to the values in effect, under Megatron's names:
-    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), TP = PP = 1, and
-    the run values given as keywords (parallel sizes, iteration, `consumed_train_samples`, ...)."""
+    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), TP = 1, P = 1 unless
+    the run values given as keywords say otherwise (`pipeline_args`; parallel sizes, iteration,
+    `consumed_train_samples`, ...)."""
     moe = model.moe
     saved = argparse.Namespace(**vars(args)) if args is not None else argparse.Namespace()
     vars(saved).update(

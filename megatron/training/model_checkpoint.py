@@ -3,12 +3,14 @@
     <root>/latest_checkpointed_iteration.txt        an iteration number, or `release`
     <root>/iter_0000100/mp_rank_00/model_optim_rng.pt         EP = 1
     <root>/iter_0000100/mp_rank_00_{000,001,...}/model_optim_rng.pt   expert-parallel ranks
+    <root>/iter_0000100/mp_rank_00_PPP[_EEE]/model_optim_rng.pt      pipeline (x expert) ranks
 
 Each file holds at least `model` (the rank's state dict, in one of Megatron-Core's layouts or
 ours: `megatron_layout`), `args` (the flag namespace) and `iteration`; ours also `config`
 (`dataclasses.asdict` of the run's `Config`). Megatron-LM's own checkpoints have no `config`:
-the model is rebuilt from `args`. `load_model_checkpoint` merges expert-parallel shards into one
-EP = 1 state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
+the model is rebuilt from `args`. `load_model_checkpoint` merges pipeline stages (each file's
+chunk-local layer numbers placed by the split its `args` describe) and expert-parallel shards
+into one whole-model state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
 Megatron-Core layout: iteration 0, tracker `release`, no optimizer state (load it for training
 with `--finetune`, or `--no-load-optim --no-load-rng`). Files are read with `safe_load`.
 

@@ -5,6 +5,7 @@ and conversion to Hugging Face from P = 2 files (legacy and torch_dist)."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -136,6 +137,19 @@ def test_convert_pipeline_checkpoints_to_hf(tmp_path):
     assert set(load_model_checkpoint(str(tmp_path / "legacy2")).state_dict) == set(reference)
     for name, t in load_model_checkpoint(str(tmp_path / "legacy2")).state_dict.items():
         assert torch.equal(t, reference[name]), name
+    # As Megatron-LM writes them: no `config` (the model comes from `args`), no optimizer of ours.
+    import shutil
+
+    from megatron.training.safe_load import save_file
+
+    shutil.copytree(tmp_path / "legacy2", tmp_path / "megatron2")
+    for path in (tmp_path / "megatron2" / "iter_0000000").glob("mp_rank_*/model_optim_rng.pt"):
+        payload = load_file(str(path))
+        save_file({k: v for k, v in payload.items() if k not in ("config", "train_state", "optimizer")}, str(path))
+    megatron = load_model_checkpoint(str(tmp_path / "megatron2"))
+    assert megatron.config == {"model": dataclasses.asdict(megatron.model_config)}  # rebuilt from args
+    assert set(megatron.state_dict) == set(reference)
+    assert all(torch.equal(t, reference[name]) for name, t in megatron.state_dict.items())
     converted = {}
     for src in ("legacy2", "dist2", "one"):
         proc = subprocess.run([sys.executable, "tools/checkpoint/convert.py", "--loader", "megatron", "--saver", "hf",
