@@ -161,3 +161,22 @@ def test_convert_pipeline_checkpoints_to_hf(tmp_path):
         assert set(converted[src]) == set(converted["one"])
         for name, t in converted["one"].items():
             assert torch.equal(converted[src][name], t), (src, name)
+
+
+def test_legacy_pp2_ep2_files_resume_and_merge(tmp_path):
+    """P = 2 x EP = 2 on 4 ranks: mp_rank_00_PPP_EEE files, exact resume, and the offline merge
+    (to P = 1, EP = 1) continuing in one process."""
+    extra = f"{PP2} --expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall"
+    saved = tmp_path / "pp2ep2"
+    full = _run(4, extra)
+    first = _run(4, f"{extra} --save {saved} --exit-interval 3")
+    resumed = _run(4, f"{extra} --load {saved}")
+    assert {**first, **resumed} == full
+    assert sorted(p.name for p in (saved / "iter_0000003").iterdir()) == [
+        f"mp_rank_00_{p:03d}_{e:03d}" for p in range(2) for e in range(2)]
+    last = _file(saved, "mp_rank_00_001_001")["model"]
+    assert "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight" in last
+    assert "decoder.layers.0.mlp.experts.local_experts.2.linear_fc1.weight" not in last
+    one = tmp_path / "one"
+    _reshard(saved, one, "--ckpt-format", "torch", "--target-pipeline-parallel-size", "1")
+    _close(_run(1, f"--ckpt-format torch --load {one}"), full)
