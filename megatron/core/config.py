@@ -462,9 +462,6 @@ def _validate_pipeline(cfg: Config) -> None:
         raise ValueError(f"the interleaved schedule runs micro-batches in rounds of {P} (the pipeline size): "
                          f"{n} micro-batches per step do not split into {n // P} equal rounds; "
                          f"use a multiple of {P} (--global-batch-size)")
-    if cfg.checkpoint.ckpt_format == "torch" and cfg.checkpoint.save is not None:
-        raise ValueError("--ckpt-format torch is not written at --pipeline-model-parallel-size > 1 yet; "
-                         "use --ckpt-format torch_dist")
 
 
 def _validate_recompute(t: TrainingConfig, num_layers: int) -> None:

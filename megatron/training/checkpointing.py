@@ -5,14 +5,17 @@
         .metadata, __R_0.distcp                        torch.distributed.checkpoint shards
         common.pt                                      iteration, schedule, scaler, args, config
         rng_rank_00000.pt ...                          each rank's RNG states
-    <save>/iter_0000100/mp_rank_00[_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
+    <save>/iter_0000100/mp_rank_00[_PPP][_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
 
 Model and optimizer tensors are keyed by parameter name and shaped like the parameters (see
 `megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any world size and
 expert-parallel size. The legacy files are Megatron-LM's: model tensors under Megatron-Core's
 names for `--transformer-impl` / `--moe-grouped-gemm` (`megatron_layout`), `args` with the
 attributes Megatron-LM reads to resume; any Megatron-LM legacy checkpoint loads (its layout is
-detected). Every file is read without running code from it (`safe_load`).
+detected). With pipeline stages there is one file per (pipeline rank, expert-parallel rank), each
+model chunk's layers numbered from 0 as in Megatron-LM (`model`, or `model0`, `model1`, ...
+with virtual stages); loading renumbers them by the split the saved `args` describe, which must
+be the run's. Every file is read without running code from it (`safe_load`).
 
 A checkpoint is written under `iter_N.tmp` and renamed when every rank has finished; the
 `latest` file moves last. A process killed during a save therefore leaves the previous
@@ -26,6 +29,7 @@ import dataclasses
 import glob
 import os
 import random
+import re
 import shutil
 import warnings
 from typing import TYPE_CHECKING, Optional
@@ -74,9 +78,31 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def rank_dir_name(ep_size: int, ep_rank: int) -> str:
-    """mp_rank_00, or mp_rank_00_EEE with expert parallelism (TP = PP = 1)."""
-    return "mp_rank_00" if ep_size == 1 else f"mp_rank_00_{ep_rank:03d}"
+def rank_dir_name(ep_size: int, ep_rank: int, pp_size: int = 1, pp_rank: int = 0) -> str:
+    """Megatron's rank directory (TP = 1): mp_rank_00, then _PPP with pipeline stages, then _EEE
+    with expert parallelism (mp_rank_00_001_002: pipeline rank 1, expert-parallel rank 2)."""
+    name = "mp_rank_00" if pp_size == 1 else f"mp_rank_00_{pp_rank:03d}"
+    return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+
+
+def legacy_model_entries(chunks: list[dict]) -> dict:
+    """The payload's model entries: `model`, or `model0`, `model1`, ... with virtual stages."""
+    return {"model": chunks[0]} if len(chunks) == 1 else {f"model{v}": c for v, c in enumerate(chunks)}
+
+
+def legacy_model_chunks(payload: dict, num_chunks: int, source: str) -> list[dict]:
+    """The per-chunk model state dicts of a legacy file; ValueError naming `source` when its
+    entries do not match the `num_chunks` chunks the saved args describe."""
+    keys = ["model"] if num_chunks == 1 else [f"model{v}" for v in range(num_chunks)]
+    found = sorted(k for k in payload if k == "model" or re.fullmatch(r"model\d+", k))
+    if found != sorted(keys):
+        raise ValueError(f"{source} holds model entries {found or 'none'}, but its args describe {num_chunks} "
+                         f"model chunk(s) a pipeline rank ({', '.join(keys)})")
+    return [payload[k] for k in keys]
+
+
+def tied_embeddings(model_config) -> bool:
+    return not model_config.untie_embeddings_and_output_weights
 
 
 def _barrier(groups: ProcessGroups) -> None:
@@ -153,6 +179,11 @@ def common_state(trainer: "Trainer", cfg: Config, args) -> dict:
 
 def checkpoint_args(args: Optional[argparse.Namespace], cfg: Config, state, groups: ProcessGroups) -> argparse.Namespace:
     """The saved `args`: this run's flags plus what Megatron-LM reads to resume, under its names."""
+    p = cfg.parallel
+    pipeline = megatron_layout.pipeline_args(
+        p.pipeline_layout(cfg.model.num_layers), p.num_layers_per_virtual_pipeline_stage,
+        p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+        p.account_for_embedding_in_pipeline_split, p.account_for_loss_in_pipeline_split)
     return megatron_layout.megatron_args(
         args, cfg.model, transformer_impl=cfg.checkpoint.transformer_impl,
         moe_grouped_gemm=cfg.checkpoint.moe_grouped_gemm, ckpt_format=cfg.checkpoint.ckpt_format,
@@ -160,7 +191,7 @@ def checkpoint_args(args: Optional[argparse.Namespace], cfg: Config, state, grou
         expert_model_parallel_size=groups.ep_size, data_parallel_size=groups.dp_size, world_size=groups.world_size,
         micro_batch_size=cfg.training.micro_batch_size, global_batch_size=cfg.training.global_batch_size,
         iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
-        consumed_valid_samples=getattr(state, "consumed_valid_samples", 0), skipped_train_samples=0)
+        consumed_valid_samples=getattr(state, "consumed_valid_samples", 0), skipped_train_samples=0, **pipeline)
 
 
 def tensor_state(trainer: "Trainer", cfg: Config) -> dict:
@@ -189,7 +220,7 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
     rng = None if cfg.checkpoint.no_save_rng else rng_state()
     if cfg.checkpoint.ckpt_format == "torch":
         layout = megatron_layout.layout_for(cfg.checkpoint.transformer_impl, cfg.checkpoint.moe_grouped_gemm)
-        _save_legacy(tmp, common, tensors, rng, groups, layout)
+        _save_legacy(tmp, common, tensors, rng, groups, layout, cfg)
     else:
         pending = _save_torch_dist(trainer, tmp, common, tensors, rng, groups, cfg.checkpoint.async_save)
         if pending is not None:
@@ -201,15 +232,21 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
 
 
 def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups,
-                 layout: megatron_layout.Layout) -> None:
+                 layout: megatron_layout.Layout, cfg: Config) -> None:
+    """One file per (pipeline rank, expert-parallel rank), as Megatron-LM writes them: each model
+    chunk's layers numbered from 0 (`model`, or `model0`, `model1`, ... with virtual stages).
+    The optimizer state keeps our global parameter names."""
     if groups.expert_dp is not None and dist.get_rank(groups.expert_dp) != 0:
         return  # one replica of each expert-parallel shard writes
-    payload = {**common, "model": megatron_layout.to_megatron(tensors["model"], layout)}
+    pipeline = cfg.parallel.pipeline_layout(cfg.model.num_layers)
+    chunks = megatron_layout.split_pipeline_chunks(tensors["model"], pipeline, groups.pp_rank,
+                                                   tied_embeddings(cfg.model))
+    payload = {**common, **legacy_model_entries([megatron_layout.to_megatron(c, layout) for c in chunks])}
     if "optimizer" in tensors:
         payload["optimizer"] = tensors["optimizer"]
     if rng is not None:
         payload["rng_state"] = [rng]
-    rank_dir = os.path.join(tmp, rank_dir_name(groups.ep_size, groups.ep_rank))
+    rank_dir = os.path.join(tmp, rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank))
     os.makedirs(rank_dir, exist_ok=True)
     _atomic_torch_save(payload, os.path.join(rank_dir, "model_optim_rng.pt"))
 
@@ -302,19 +339,35 @@ def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> N
 
 
 def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torch.nn.Module):
-    path = os.path.join(directory, rank_dir_name(groups.ep_size, groups.ep_rank), "model_optim_rng.pt")
+    """This rank's file (its pipeline and expert-parallel rank), its chunks renumbered to global
+    layer indices by the split its `args` describe, which must be this run's."""
+    pipeline = cfg.parallel.pipeline_layout(cfg.model.num_layers)
+    name = rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank)
+    path = os.path.join(directory, name, "model_optim_rng.pt")
     if not os.path.isfile(path):
         found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "mp_rank_*")))
         raise CheckpointError(
             f"--load: {path} is missing (the checkpoint has {', '.join(found) or 'no rank files'}; it was saved "
-            "with another expert-parallel size: convert it with tools/checkpoint/reshard.py)")
+            "with another pipeline- or expert-parallel size: convert it with tools/checkpoint/reshard.py "
+            "--target-pipeline-parallel-size / --target-expert-parallel-size)")
     payload = load_file(path)
-    if not isinstance(payload, dict) or "model" not in payload:
+    if not isinstance(payload, dict) or not ("model" in payload or "model0" in payload):
         raise CheckpointError(f"--load: {path} holds no 'model' entry; it is not a model checkpoint")
     check_compatible(payload.get("config"), cfg, directory)
     try:
-        state, _ = megatron_layout.from_megatron(
-            payload["model"], megatron_layout.num_local_experts(model.state_dict()), path)
+        saved = megatron_layout.pipeline_from_args(payload.get("args"), cfg.model.num_layers)
+    except ValueError as e:
+        raise CheckpointError(f"--load: {path}: {e}") from None
+    if saved != pipeline:
+        raise CheckpointError(
+            f"--load: {directory} was saved with {megatron_layout.describe_pipeline(saved)}; this run has "
+            f"{megatron_layout.describe_pipeline(pipeline)}: convert it with tools/checkpoint/reshard.py "
+            "--target-pipeline-parallel-size, or save with --ckpt-format torch_dist")
+    try:
+        chunks = legacy_model_chunks(payload, pipeline.num_chunks, path)
+        merged = megatron_layout.merge_pipeline_chunks(chunks, pipeline, groups.pp_rank, tied_embeddings(cfg.model),
+                                                       path)
+        state, _ = megatron_layout.from_megatron(merged, megatron_layout.num_local_experts(model.state_dict()), path)
     except ValueError as e:
         raise CheckpointError(f"--load: {e}") from None
     tensors = {"model": state}

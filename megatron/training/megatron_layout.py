@@ -46,6 +46,7 @@ from megatron.core.dist_checkpointing import tensor_mismatches
 
 if TYPE_CHECKING:
     from megatron.core.config import ModelConfig
+    from megatron.core.pipeline_parallel.layout import PipelineLayout
 
 Tensor = torch.Tensor
 
@@ -183,11 +184,131 @@ def _extra_states(state: Mapping[str, Tensor], moe_layers: set[str], layout: Lay
                         for fc in ("linear_fc1", "linear_fc2")]
         elif layout.experts == "te_grouped":
             te += [f"{p}.linear_fc1", f"{p}.linear_fc2"]
-    if layout.te_norms:
-        te.append("decoder.final_layernorm")
-    megatron_own.append("output_layer")  # exists in Megatron-Core's GPTModel even with tied embeddings
+    if any(k.startswith("decoder.final_layernorm.") for k in state):  # the last pipeline stage
+        if layout.te_norms:
+            te.append("decoder.final_layernorm")
+        megatron_own.append("output_layer")  # exists in Megatron-Core's GPTModel even with tied embeddings
     out: dict[str, Any] = {f"{m}._extra_state": None for m in megatron_own}
     out.update({f"{m}._extra_state": torch.empty(0, dtype=torch.uint8) for m in te})
+    return out
+
+
+# ---------------------------------------------------------------------------- pipeline stages
+
+# Megatron-LM's `args` describing the layer split, at P = 1 (`megatron_args` overrides with the run's).
+PIPELINE_ARGS_P1 = dict(
+    pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+    num_layers_per_virtual_pipeline_stage=None, decoder_first_pipeline_num_layers=None,
+    decoder_last_pipeline_num_layers=None, account_for_embedding_in_pipeline_split=False,
+    account_for_loss_in_pipeline_split=False)
+WORD_EMBEDDING = "embedding.word_embeddings.weight"
+TIED_OUTPUT = "output_layer.weight"  # Megatron's name for the last stage's copy of a tied word embedding
+_LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def pipeline_args(pipeline: "PipelineLayout", per_virtual_stage: Optional[int] = None,
+                  first: Optional[int] = None, last: Optional[int] = None, account_for_embedding: bool = False,
+                  account_for_loss: bool = False) -> dict[str, Any]:
+    """The `args` attributes Megatron-LM keeps for a layer split (the flags that built `pipeline`)."""
+    if pipeline.num_stages == 1:
+        return dict(PIPELINE_ARGS_P1)
+    return dict(pipeline_model_parallel_size=pipeline.num_stages,
+                virtual_pipeline_model_parallel_size=pipeline.num_chunks if pipeline.num_chunks > 1 else None,
+                num_layers_per_virtual_pipeline_stage=per_virtual_stage,
+                decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last,
+                account_for_embedding_in_pipeline_split=account_for_embedding,
+                account_for_loss_in_pipeline_split=account_for_loss)
+
+
+def pipeline_from_args(args: Optional[argparse.Namespace], num_layers: int) -> "PipelineLayout":
+    """The layer split a checkpoint's `args` (ours or Megatron-LM's) describe; P = 1 without them.
+    ValueError naming the setting when it does not describe one this framework builds."""
+    from megatron.core.pipeline_parallel.layout import PipelineLayout
+
+    def get(name, default=None):
+        value = getattr(args, name, default) if args is not None else default
+        return default if value is None else value
+
+    P = int(get("pipeline_model_parallel_size", 1))
+    if P == 1:
+        return PipelineLayout(1, 1, (num_layers,))
+    if get("pipeline_model_parallel_layout") is not None:
+        raise ValueError("the checkpoint was saved with --pipeline-model-parallel-layout, which this framework "
+                         "does not read")
+    V = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    per_virtual = None if V is not None else getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    return PipelineLayout.build(num_layers, P, V, per_virtual, getattr(args, "decoder_first_pipeline_num_layers", None),
+                                getattr(args, "decoder_last_pipeline_num_layers", None),
+                                bool(get("account_for_embedding_in_pipeline_split", False)),
+                                bool(get("account_for_loss_in_pipeline_split", False)))
+
+
+def describe_pipeline(pipeline: "PipelineLayout") -> str:
+    return (f"pipeline size {pipeline.num_stages}, {pipeline.num_chunks} chunk(s) a rank, "
+            f"layers per virtual stage {list(pipeline.layer_counts)}")
+
+
+def chunk_of(name: str, pipeline: "PipelineLayout", pp_rank: int, tied: bool) -> Optional[int]:
+    """Which model chunk of pipeline rank `pp_rank` holds tensor `name` (our global name), or None:
+    a layer its stage; the embedding the first stage (the word embedding also the last stage when
+    tied); the final norm and output layer the last stage. Other names: the first stage."""
+    P, V = pipeline.num_stages, pipeline.num_chunks
+    match = _LAYER_INDEX.match(name)
+    if match is not None:
+        k = pipeline.stage_of_layer(int(match.group(1)))
+        return k // P if k % P == pp_rank else None
+    if name.startswith("embedding."):
+        if pp_rank == 0:
+            return 0
+        return V - 1 if tied and name == WORD_EMBEDDING and pp_rank == P - 1 else None
+    if name.startswith(("decoder.final_layernorm.", "output_layer.")):
+        return V - 1 if pp_rank == P - 1 else None
+    return 0 if pp_rank == 0 else None
+
+
+def split_pipeline_chunks(state: Mapping[str, Any], pipeline: "PipelineLayout", pp_rank: int,
+                          tied: bool) -> list[dict[str, Any]]:
+    """Megatron's per-chunk state dicts of pipeline rank `pp_rank`, from our state dict (this rank's
+    or the whole model's; global layer numbers): each chunk's layers numbered from 0, the tied
+    copy of the word embedding on the last stage (not also the first) named `output_layer.weight`."""
+    P = pipeline.num_stages
+    chunks: list[dict[str, Any]] = [{} for _ in range(pipeline.num_chunks)]
+    for name, t in state.items():
+        v = chunk_of(name, pipeline, pp_rank, tied)
+        if v is None:
+            continue
+        match = _LAYER_INDEX.match(name)
+        if match is not None:
+            local = int(match.group(1)) - pipeline.layers(v * P + pp_rank).start
+            name = f"decoder.layers.{local}.{match.group(2)}"
+        elif name == WORD_EMBEDDING and pp_rank != 0:
+            name = TIED_OUTPUT
+        chunks[v][name] = t
+    return chunks
+
+
+def merge_pipeline_chunks(chunks: list[Mapping[str, Any]], pipeline: "PipelineLayout", pp_rank: int,
+                          tied: bool, source: str) -> dict[str, Any]:
+    """Inverse of `split_pipeline_chunks`: one state dict with global layer numbers (and the tied
+    `output_layer.weight` as `embedding.word_embeddings.weight`). ValueError naming `source` when
+    a chunk holds more layers than its stage has."""
+    P = pipeline.num_stages
+    out: dict[str, Any] = {}
+    for v, chunk in enumerate(chunks):
+        k = v * P + pp_rank
+        layers = pipeline.layers(k)
+        for name, t in chunk.items():
+            match = _LAYER_INDEX.match(name)
+            if match is not None:
+                local = int(match.group(1))
+                if local >= len(layers):
+                    entry = "model" if len(chunks) == 1 else f"model{v}"
+                    raise ValueError(f"{source}: '{entry}' holds decoder.layers.{local}, but virtual pipeline stage "
+                                     f"{k} has {len(layers)} layers ({describe_pipeline(pipeline)})")
+                name = f"decoder.layers.{layers[local]}.{match.group(2)}"
+            elif name == TIED_OUTPUT and tied and pipeline.is_last(k) and not pipeline.is_first(k):
+                name = WORD_EMBEDDING
+            out[name] = t
     return out
 
 
@@ -197,8 +318,9 @@ def _extra_states(state: Mapping[str, Tensor], moe_layers: set[str], layout: Lay
 def megatron_args(args: Optional[argparse.Namespace], model: "ModelConfig", **run: Any) -> argparse.Namespace:
     """The `args` entry of a checkpoint: a copy of the flag namespace `args` (or an empty one) with
     what Megatron-LM reads from a checkpoint set to the values in effect, under Megatron's names:
-    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), TP = PP = 1, and
-    the run values given as keywords (parallel sizes, iteration, `consumed_train_samples`, ...)."""
+    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), TP = 1, P = 1 unless
+    the run values given as keywords say otherwise (`pipeline_args`; parallel sizes, iteration,
+    `consumed_train_samples`, ...)."""
     moe = model.moe
     saved = argparse.Namespace(**vars(args)) if args is not None else argparse.Namespace()
     vars(saved).update(
@@ -217,8 +339,8 @@ def megatron_args(args: Optional[argparse.Namespace], model: "ModelConfig", **ru
         num_experts=moe and moe.num_experts, moe_ffn_hidden_size=moe and moe.ffn_hidden_size,
         moe_layer_freq=list(moe.layer_pattern) if moe else 1,
         moe_router_topk=moe.router_topk if moe else getattr(saved, "moe_router_topk", 2),
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1,
-        expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=1, context_parallel_size=1, expert_tensor_parallel_size=1,
+        **PIPELINE_ARGS_P1,
     )
     vars(saved).update(run)
     return saved

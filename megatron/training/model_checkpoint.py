@@ -3,12 +3,14 @@
     <root>/latest_checkpointed_iteration.txt        an iteration number, or `release`
     <root>/iter_0000100/mp_rank_00/model_optim_rng.pt         EP = 1
     <root>/iter_0000100/mp_rank_00_{000,001,...}/model_optim_rng.pt   expert-parallel ranks
+    <root>/iter_0000100/mp_rank_00_PPP[_EEE]/model_optim_rng.pt      pipeline (x expert) ranks
 
 Each file holds at least `model` (the rank's state dict, in one of Megatron-Core's layouts or
 ours: `megatron_layout`), `args` (the flag namespace) and `iteration`; ours also `config`
 (`dataclasses.asdict` of the run's `Config`). Megatron-LM's own checkpoints have no `config`:
-the model is rebuilt from `args`. `load_model_checkpoint` merges expert-parallel shards into one
-EP = 1 state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
+the model is rebuilt from `args`. `load_model_checkpoint` merges pipeline stages (each file's
+chunk-local layer numbers placed by the split its `args` describe) and expert-parallel shards
+into one whole-model state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
 Megatron-Core layout: iteration 0, tracker `release`, no optimizer state (load it for training
 with `--finetune`, or `--no-load-optim --no-load-rng`). Files are read with `safe_load`.
 
@@ -30,6 +32,7 @@ import torch
 
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.core.optimizer import is_expert_param
+from megatron.core.pipeline_parallel.layout import PipelineLayout
 from megatron.training import megatron_layout
 from megatron.training.atomic_dir import atomic_directory
 from megatron.training.checkpointing import (
@@ -40,6 +43,8 @@ from megatron.training.checkpointing import (
     is_own_optimizer_state,
     is_torch_dist,
     iteration_dir,
+    legacy_model_chunks,
+    legacy_model_entries,
     rank_dir_name,
     read_tracker,
 )
@@ -51,7 +56,7 @@ MODEL_FILE = "model_optim_rng.pt"
 _RUN_ONLY_FLAGS = {"moe_token_dispatcher_type", "transformer_impl", "moe_grouped_gemm"}
 # Megatron-LM flags that take several values (nargs='+') where ours takes one.
 _MEGATRON_LIST_FLAGS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
-_RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?(?:_(\d\d\d))?$")
 
 
 @dataclass
@@ -123,23 +128,43 @@ def _checkpoint_dir(root: str) -> tuple[str, int]:
     return directory, iteration
 
 
-def _rank_files(directory: str) -> list[str]:
-    """model_optim_rng.pt of each expert-parallel rank, in rank order (TP = PP = 1 only)."""
-    ranks = []
+def _rank_files(directory: str, pp_size: Optional[int] = None) -> list[list[str]]:
+    """model_optim_rng.pt of each rank: files[pp_rank][ep_rank] (TP = 1 only).
+
+    `mp_rank_00_NNN` is a pipeline rank when `pp_size` > 1 (the saved args say so), else an
+    expert-parallel rank; `mp_rank_00_PPP_EEE` is both. `pp_size` None: read from the files' args."""
+    names = {}
     for name in os.listdir(directory):
         match = _RANK_DIR.match(name)
         if match is None:
             continue
         if match.group(1) != "00":
-            raise ValueError(f"{directory}/{name}: tensor/pipeline-parallel checkpoints are not supported")
-        ranks.append((int(match.group(2) or 0), name))
-    if not ranks:
+            raise ValueError(f"{directory}/{name}: tensor-parallel checkpoints are not supported")
+        names[name] = [int(g) for g in match.groups()[1:] if g is not None]
+    if not names:
         raise ValueError(f"{directory} has no mp_rank_00* directories")
-    ranks.sort()
-    if [r for r, _ in ranks] != list(range(len(ranks))):
-        raise ValueError(f"{directory}: expert-parallel rank directories are not 0..{len(ranks) - 1}")
-    files = [os.path.join(directory, name, MODEL_FILE) for _, name in ranks]
-    for path in files:
+    if pp_size is None:
+        if any(len(idx) == 2 for idx in names.values()):
+            pp_size = 2  # only its being > 1 matters here
+        else:
+            first = os.path.join(directory, min(names), MODEL_FILE)
+            args = _load_payload(first).get("args") if os.path.isfile(first) else None
+            pp_size = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    ranks = {}
+    for name, idx in names.items():
+        pp, ep = (idx + [0, 0])[:2] if pp_size > 1 else (0, (idx or [0])[0])
+        if len(idx) == 2 and pp_size == 1:
+            raise ValueError(f"{directory}/{name}: a pipeline-parallel rank, but the checkpoint's args say "
+                             "pipeline_model_parallel_size 1")
+        ranks[(pp, ep)] = name
+    P = max(pp for pp, _ in ranks) + 1
+    E = max(ep for _, ep in ranks) + 1
+    expected = {(p, e) for p in range(P) for e in range(E)}
+    if set(ranks) != expected:
+        missing = sorted(expected - set(ranks))
+        raise ValueError(f"{directory}: rank directories are incomplete (missing (pipeline, expert) ranks {missing})")
+    files = [[os.path.join(directory, ranks[(p, e)], MODEL_FILE) for e in range(E)] for p in range(P)]
+    for path in (f for row in files for f in row):
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing")
     return files
@@ -173,9 +198,42 @@ def _load_payload(path: str) -> dict:
     return payload
 
 
-def _router_rows(state: dict) -> int:
+def _router_rows(states: list[dict]) -> int:
     """Total experts per MoE layer (rows of a router weight); 0 for a dense model."""
-    return next((int(t.shape[0]) for k, t in state.items() if k.endswith(".mlp.router.weight")), 0)
+    return next((int(t.shape[0]) for state in states for k, t in state.items()
+                 if k.endswith(".mlp.router.weight")), 0)
+
+
+def _saved_num_layers(common: dict) -> int:
+    config, args = common.get("config"), common.get("args")
+    if config:
+        return int(config.get("model", config)["num_layers"])
+    if getattr(args, "num_layers", None) is None:
+        raise ValueError("checkpoint has neither 'config' nor 'args.num_layers', so its layers cannot be placed")
+    return int(args.num_layers)
+
+
+def _saved_tied(common: dict) -> bool:
+    """Whether the checkpoint's model ties input and output embeddings (Megatron's default)."""
+    config, args = common.get("config"), common.get("args")
+    if config:
+        return not config.get("model", config).get("untie_embeddings_and_output_weights", False)
+    return not getattr(args, "untie_embeddings_and_output_weights", False)
+
+
+def saved_pipeline(common: dict) -> PipelineLayout:
+    """The layer split the checkpoint's args describe (P = 1 without them)."""
+    return megatron_layout.pipeline_from_args(common.get("args"), _saved_num_layers(common))
+
+
+def _union_of_stages(stages: list[dict]) -> dict:
+    """One state dict from each pipeline rank's (global names). A name on two ranks, the tied word
+    embedding on the first and last, is the same tensor (kept in sync by training): the first's is kept."""
+    merged: dict = {}
+    for stage in stages:
+        for name, t in stage.items():
+            merged.setdefault(name, t)
+    return merged
 
 
 @dataclass
@@ -185,34 +243,57 @@ class TrainingCheckpoint:
     common: the non-tensor entries (iteration, train_state, scheduler, scaler, args, config).
     model: state dict (our names). optimizer: {'step': int, 'state': {name: {moment: tensor}}} or
     None (also for Megatron-LM's optimizer state, which is not read). layout: the legacy files'
-    Megatron-Core layout (None for torch_dist).
+    Megatron-Core layout (None for torch_dist). pipeline: the layer split it was saved with.
     """
 
     common: dict
     model: dict[str, torch.Tensor]
     optimizer: Optional[dict] = None
     layout: Optional[Layout] = None
+    pipeline: Optional[PipelineLayout] = None
 
 
 def load_training_checkpoint(root: str) -> TrainingCheckpoint:
-    """Read either format (`torch` legacy ranks are merged; `torch_dist` is read whole)."""
+    """Read either format into one whole model with global names: `torch` legacy files of every
+    pipeline and expert-parallel rank are merged (ours or Megatron-LM's: each chunk's local layer
+    numbers placed by the split the saved args describe); `torch_dist` is read whole."""
     directory, iteration = _checkpoint_dir(root)
     if os.path.isfile(os.path.join(directory, ".metadata")):
-        return _load_torch_dist_whole(directory)
+        ckpt = _load_torch_dist_whole(directory)
+        ckpt.pipeline = saved_pipeline(ckpt.common)
+        return ckpt
     paths = _rank_files(directory)
-    payloads = [_load_payload(path) for path in paths]
-    head = payloads[0]
-    common = {k: v for k, v in head.items() if k not in ("model", "optimizer", "rng_state")}
+    payloads = [[_load_payload(path) for path in row] for row in paths]
+    head = payloads[0][0]
+    common = {k: v for k, v in head.items()
+              if k not in ("model", "optimizer", "rng_state") and not re.fullmatch(r"model\d+", k)}
     common.setdefault("iteration", iteration)
-    local_experts = _router_rows(head["model"]) // len(payloads)
-    shards, layouts = zip(*(megatron_layout.from_megatron(p["model"], local_experts, path)
-                            for p, path in zip(payloads, paths)))
-    model = merge_expert_shards(list(shards))
+    pipeline = saved_pipeline(common)
+    if pipeline.num_stages != len(paths):
+        raise ValueError(f"{directory} has {len(paths)} pipeline rank(s) but its args say "
+                         f"pipeline_model_parallel_size {pipeline.num_stages}")
+    tied = _saved_tied(common)
+    rank_chunks = [[legacy_model_chunks(p, pipeline.num_chunks, path) for p, path in zip(row, row_paths)]
+                   for row, row_paths in zip(payloads, paths)]
+    local_experts = _router_rows([c for row in rank_chunks for chunks in row for c in chunks]) // len(paths[0])
+    stages, layouts, stage_moments = [], [], []
+    for pp, (row, row_paths, row_chunks) in enumerate(zip(payloads, paths, rank_chunks)):
+        shards = []
+        for chunks, path in zip(row_chunks, row_paths):
+            merged = (chunks[0] if pipeline.num_stages == 1 else
+                      megatron_layout.merge_pipeline_chunks(chunks, pipeline, pp, tied, path))
+            state, layout = megatron_layout.from_megatron(merged, local_experts, path)
+            shards.append(state)
+            layouts.append(layout)
+        stages.append(merge_expert_shards(shards))
+        if is_own_optimizer_state(head.get("optimizer")):
+            stage_moments.append(merge_expert_shards([_flatten_moments(p["optimizer"]["state"]) for p in row]))
+    model = _union_of_stages(stages)
     optimizer = None
-    if is_own_optimizer_state(head.get("optimizer")):
-        moments = [_flatten_moments(p["optimizer"]["state"]) for p in payloads]
-        optimizer = {"step": head["optimizer"]["step"], "state": _unflatten_moments(merge_expert_shards(moments))}
-    return TrainingCheckpoint(common, model, optimizer, layouts[0])
+    if stage_moments:
+        optimizer = {"step": head["optimizer"]["step"], "state": _unflatten_moments(_union_of_stages(stage_moments))}
+    layout = next((lay for lay in layouts if lay.experts != "sequential"), layouts[0])
+    return TrainingCheckpoint(common, model, optimizer, layout, pipeline)
 
 
 def _flatten_moments(state: dict) -> dict[str, torch.Tensor]:
@@ -277,28 +358,70 @@ def legacy_layout(ckpt: TrainingCheckpoint) -> Layout:
                                       bool(getattr(args, "moe_grouped_gemm", False)))
 
 
-def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: str, ep_size: int = 1) -> str:
+def target_pipeline(ckpt: TrainingCheckpoint, pp_size: Optional[int]) -> PipelineLayout:
+    """The layer split to write: the checkpoint's own for None or its pipeline size, else an even
+    split over `pp_size` stages (ValueError naming --target-pipeline-parallel-size if it does not divide)."""
+    source = ckpt.pipeline or saved_pipeline(ckpt.common)
+    if pp_size is None or pp_size == source.num_stages:
+        return source
+    try:
+        return PipelineLayout.build(_saved_num_layers(ckpt.common), pp_size)
+    except ValueError as e:
+        raise ValueError(f"--target-pipeline-parallel-size {pp_size}: {e}") from None
+
+
+def _retargeted_common(ckpt: TrainingCheckpoint, pipeline: PipelineLayout, ep_size: Optional[int]) -> dict:
+    """`ckpt.common` with the args (and our config) describing the new pipeline split and EP size."""
+    common = dict(ckpt.common)
+    same = pipeline == (ckpt.pipeline or saved_pipeline(common))
+    if same and ep_size is None:
+        return common
+    changes = {} if same else megatron_layout.pipeline_args(pipeline)
+    if ep_size is not None:
+        changes["expert_model_parallel_size"] = ep_size
+    if common.get("args") is not None:
+        common["args"] = argparse.Namespace(**{**vars(common["args"]), **changes})
+    if isinstance(common.get("config"), dict) and isinstance(common["config"].get("parallel"), dict):
+        parallel = common["config"]["parallel"]
+        common["config"] = {**common["config"], "parallel": {**parallel, **{k: v for k, v in changes.items()
+                                                                            if k in parallel}}}
+    return common
+
+
+def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: str, ep_size: int = 1,
+                             pp_size: Optional[int] = None) -> str:
     """Write `ckpt` into the new directory `root` (atomically) as `torch_dist` (loads at any
-    layout) or `torch` legacy files for `ep_size` expert-parallel ranks (in `legacy_layout`).
-    RNG states are not carried over: they belong to the old layout's ranks."""
+    layout) or `torch` legacy files for `pp_size` pipeline ranks (None: the checkpoint's own split)
+    times `ep_size` expert-parallel ranks (in `legacy_layout`), with Megatron's local layer numbers
+    per model chunk. The saved args describe the new split. RNG states are not carried over: they
+    belong to the old layout's ranks."""
     iteration = int(ckpt.common.get("iteration", 0))
+    pipeline = target_pipeline(ckpt, pp_size)
+    tied = _saved_tied(ckpt.common)
     with atomic_directory(root) as tmp:
         directory = iteration_dir(tmp, iteration)
         os.makedirs(directory)
         if ckpt_format == "torch_dist":
-            _save_torch_dist_whole(directory, ckpt)
+            _save_torch_dist_whole(directory, TrainingCheckpoint(
+                _retargeted_common(ckpt, pipeline, None), ckpt.model, ckpt.optimizer, ckpt.layout, pipeline))
         else:
+            common = _retargeted_common(ckpt, pipeline, ep_size)
             models = split_expert_shards(ckpt.model, ep_size)
             moments = (split_expert_shards(_flatten_moments(ckpt.optimizer["state"]), ep_size)
                        if ckpt.optimizer else [None] * ep_size)
             layout = legacy_layout(ckpt)
-            for r in range(ep_size):
-                payload = {**ckpt.common, "model": megatron_layout.to_megatron(models[r], layout)}
-                if ckpt.optimizer:
-                    payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": _unflatten_moments(moments[r])}
-                name = rank_dir_name(ep_size, r)
-                os.makedirs(os.path.join(directory, name))
-                save_file(payload, os.path.join(directory, name, MODEL_FILE))
+            for pp in range(pipeline.num_stages):
+                for r in range(ep_size):
+                    chunks = megatron_layout.split_pipeline_chunks(models[r], pipeline, pp, tied)
+                    payload = {**common, **legacy_model_entries([megatron_layout.to_megatron(c, layout)
+                                                                 for c in chunks])}
+                    if ckpt.optimizer:
+                        state = {name: m for name, m in _unflatten_moments(moments[r]).items()
+                                 if megatron_layout.chunk_of(name, pipeline, pp, tied) is not None}
+                        payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": state}
+                    name = rank_dir_name(ep_size, r, pipeline.num_stages, pp)
+                    os.makedirs(os.path.join(directory, name))
+                    save_file(payload, os.path.join(directory, name, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:
             f.write(str(iteration))
     return iteration_dir(root, iteration)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -97,3 +99,51 @@ def test_experts_beyond_the_local_count_are_left_for_the_strict_check():
     back, _ = from_megatron(meg, 2, "ckpt")
     assert back["decoder.layers.1.mlp.experts.weight1"].shape[0] == 2
     assert "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight" in back
+
+
+@pytest.mark.parametrize("split,tied", [
+    ("--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2", True),
+    ("--pipeline-model-parallel-size 3 --decoder-first-pipeline-num-layers 1 --decoder-last-pipeline-num-layers 3", False),
+    ("--pipeline-model-parallel-size 3 --account-for-embedding-in-pipeline-split --account-for-loss-in-pipeline-split",
+     True),
+])
+def test_pipeline_chunks_are_numbered_locally_and_merge_back(split, tied):
+    """Each rank's chunks (Megatron's files) number their layers from 0; merging every rank's
+    chunks back gives the whole model with global names, the tied copy included once."""
+    from megatron.core.pipeline_parallel.layout import PipelineLayout
+    from megatron.training.megatron_layout import (
+        merge_pipeline_chunks,
+        pipeline_args,
+        pipeline_from_args,
+        split_pipeline_chunks,
+    )
+
+    flags = "--num-layers 7" if "first" in split else "--num-layers 4" if "account" in split else "--num-layers 8"
+    untie = "" if tied else " --untie-embeddings-and-output-weights"
+    pp = int(split.split()[1])
+    cfg = make_config(f"{flags}{untie} {split} --global-batch-size 12", world_size=pp)
+    whole = GPTModel(cfg.model).state_dict()
+    p = cfg.parallel
+    pipeline = p.pipeline_layout(cfg.model.num_layers)
+    args = pipeline_args(pipeline, p.num_layers_per_virtual_pipeline_stage, p.decoder_first_pipeline_num_layers,
+                         p.decoder_last_pipeline_num_layers, p.account_for_embedding_in_pipeline_split,
+                         p.account_for_loss_in_pipeline_split)
+    assert pipeline_from_args(argparse.Namespace(**args), cfg.model.num_layers) == pipeline
+    merged = {}
+    for r in range(pipeline.num_stages):
+        chunks = split_pipeline_chunks(whole, pipeline, r, tied)
+        assert len(chunks) == pipeline.num_chunks
+        for v, chunk in enumerate(chunks):
+            layers = {int(k.split(".")[2]) for k in chunk if k.startswith("decoder.layers.")}
+            assert layers == set(range(len(pipeline.layers(v * pipeline.num_stages + r))))
+        last = chunks[-1]
+        if r == pipeline.num_stages - 1:
+            assert "decoder.final_layernorm.weight" in last and "output_layer.weight" in last
+            assert torch.equal(last["output_layer.weight"], whole["embedding.word_embeddings.weight"]) == tied
+        else:
+            assert not any(k.startswith(("decoder.final_layernorm", "output_layer")) for c in chunks for k in c)
+        assert any(k.startswith("embedding.") for c in chunks for k in c) == (r == 0)
+        stage = merge_pipeline_chunks(chunks, pipeline, r, tied, "test")
+        merged.update(stage)
+    assert set(merged) == set(whole) and all(torch.equal(merged[k], whole[k]) for k in whole)
+    assert PipelineLayout.build(cfg.model.num_layers, 1) == pipeline_from_args(None, cfg.model.num_layers)

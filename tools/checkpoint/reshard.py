@@ -2,14 +2,18 @@
 
     python tools/checkpoint/reshard.py --load-dir CKPT_EP2 --save-dir CKPT_EP4 \
         --ckpt-format torch --target-expert-parallel-size 4
+    python tools/checkpoint/reshard.py --load-dir CKPT_PP2 --save-dir CKPT_PP4 \
+        --ckpt-format torch --target-pipeline-parallel-size 4
     python tools/checkpoint/reshard.py --load-dir LEGACY --save-dir DIST --ckpt-format torch_dist
 
-Reads `torch` (legacy, any expert-parallel size; ours or Megatron-LM's, in any Megatron-Core
-layout) or `torch_dist` checkpoints, merges expert shards in one process, and writes the
-requested format. `torch_dist` output loads under any world size and EP size, so it needs no
-target size; `torch` output is written for `--target-expert-parallel-size` ranks, in the input's
-Megatron-Core layout (from torch_dist: the one its `--transformer-impl`/`--moe-grouped-gemm`
-write). RNG states are dropped (they belong to the old ranks); everything else a resumed run
+Reads `torch` (legacy, any pipeline- and expert-parallel size; ours or Megatron-LM's, in any
+Megatron-Core layout) or `torch_dist` checkpoints, merges pipeline stages and expert shards in
+one process, and writes the requested format. `torch_dist` output loads under any world size,
+pipeline and EP size, so it needs no target size; `torch` output is written for
+`--target-pipeline-parallel-size` stages (default: the input's layer split, virtual stages and
+uneven stages included; another size splits the layers evenly, one chunk a rank) times
+`--target-expert-parallel-size` ranks, in the input's Megatron-Core layout (from torch_dist: the
+one its `--transformer-impl`/`--moe-grouped-gemm` write). RNG states are dropped (they belong to the old ranks); everything else a resumed run
 needs is kept, except Megatron-LM's optimizer state, which is not read. The output directory
 must be new or empty and appears only when complete. Bad input is one `reshard.py: error: ...`
 line, exit status 2.
@@ -24,7 +28,11 @@ import sys
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)))
 
 from megatron.training.atomic_dir import check_output_dir  # noqa: E402
-from megatron.training.model_checkpoint import load_training_checkpoint, save_training_checkpoint  # noqa: E402
+from megatron.training.model_checkpoint import (  # noqa: E402
+    load_training_checkpoint,
+    save_training_checkpoint,
+    target_pipeline,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,19 +46,25 @@ def main(argv=None) -> int:
     p.add_argument("--save-dir", required=True, help="new or empty directory for the result")
     p.add_argument("--ckpt-format", default="torch_dist", choices=["torch_dist", "torch"])
     p.add_argument("--target-expert-parallel-size", type=int, default=1)
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=None,
+                   help="pipeline stages of --ckpt-format torch output (default: the input's split)")
     try:
         a = p.parse_args(argv)
-        if a.target_expert_parallel_size < 1:
-            raise ValueError("--target-expert-parallel-size must be >= 1")
+        for flag in ("target_expert_parallel_size", "target_pipeline_parallel_size"):
+            if getattr(a, flag) is not None and getattr(a, flag) < 1:
+                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
         check_output_dir(a.save_dir)
         ckpt = load_training_checkpoint(a.load_dir)
-        out = save_training_checkpoint(a.save_dir, ckpt, a.ckpt_format, a.target_expert_parallel_size)
+        pipeline = target_pipeline(ckpt, a.target_pipeline_parallel_size)
+        out = save_training_checkpoint(a.save_dir, ckpt, a.ckpt_format, a.target_expert_parallel_size,
+                                       pipeline.num_stages)
     except ValueError as e:
         print(f"reshard.py: error: {e}", file=sys.stderr)
         return 2
     optim = "with" if ckpt.optimizer else "without"
-    print(f"wrote {out} ({a.ckpt_format}, {optim} optimizer state, expert-parallel size "
-          f"{a.target_expert_parallel_size if a.ckpt_format == 'torch' else 'any'})")
+    sizes = (f"pipeline size {pipeline.num_stages} x expert-parallel size {a.target_expert_parallel_size}"
+             if a.ckpt_format == "torch" else "any pipeline and expert-parallel size")
+    print(f"wrote {out} ({a.ckpt_format}, {optim} optimizer state, {sizes})")
     return 0
 
 
