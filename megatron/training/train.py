@@ -11,7 +11,6 @@ backpropagated, and reported separately (averaged over MoE layers).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import signal
 import time
@@ -115,8 +114,8 @@ class Trainer:
         """Forward/backward over this rank's micro-batches (through the pipeline schedule), then
         one optimizer step."""
         self.model.train()
-        self.dp.zero_grad()
         n = len(batches)
+        self.dp.zero_grad(backward_passes=n)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         for router in self.routers:
             router.start_step()

@@ -22,9 +22,8 @@ sum of both gradients (the last stage's copy is left out of the norm, counted on
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -75,8 +74,9 @@ class DataParallel:
         self.tied_embedding = tied
         """This stage's copy of the tied word embedding (first or last pipeline stage), else None."""
         self.norm_excluded = [tied] if tied is not None and groups.pp_rank == groups.pp_size - 1 else []
-        self._sync_enabled = True
         self._started: set = set()
+        self._passes: dict = {}
+        self._passes_per_step = 1
         if self.overlap or dtype != torch.float32:
             self._register_hooks()
 
@@ -89,11 +89,16 @@ class DataParallel:
 
     def _make_hook(self, section: Section, bucket):
         """After autograd accumulated `param.grad`: move it into main_grad (bf16/fp16), then,
-        under overlap, start the bucket's reduction once all its parameters have reported."""
+        under overlap, start the bucket's reduction once all its parameters have seen this
+        step's last backward pass (a tied embedding copy waits for `finish_grad_sync`, which
+        first sums it with the other stage's copy)."""
         def hook(param: torch.Tensor) -> None:
             if section.mixed:
                 section.accumulate_main_grad(param)
-            if not self.overlap or not self._sync_enabled:
+            if not self.overlap:
+                return
+            self._passes[param] = self._passes.get(param, 0) + 1
+            if self._passes[param] < self._passes_per_step or param is self.tied_embedding:
                 return
             bucket.pending.discard(param)
             if not bucket.pending and id(bucket) not in self._started:
@@ -101,21 +106,16 @@ class DataParallel:
                 section.start_bucket(bucket)
         return hook
 
-    @contextlib.contextmanager
-    def no_sync(self) -> Iterator[None]:
-        """Backward passes inside accumulate gradients without reducing them."""
-        self._sync_enabled = False
-        try:
-            yield
-        finally:
-            self._sync_enabled = True
-
-    def zero_grad(self) -> None:
+    def zero_grad(self, backward_passes: int = 1) -> None:
+        """Start a step of `backward_passes` backward passes per parameter (micro-batches):
+        overlapped reduction starts after the last of them."""
         for section in self.sections:
             section.zero_grad()
             for b in section.buckets:
                 b.pending = set(b.params)
         self._started = set()
+        self._passes: dict = {}
+        self._passes_per_step = backward_passes
 
     def finish_grad_sync(self) -> None:
         """Sum the tied embedding copies' gradients (pipelining), then reduce every bucket not yet

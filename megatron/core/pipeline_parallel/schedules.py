@@ -18,7 +18,6 @@ exactly as in gradient accumulation; the schedules scale nothing themselves.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -30,8 +29,7 @@ from megatron.core.pipeline_parallel.layout import PipelineLayout
 
 
 class NoPipelining:
-    """Gradient accumulation over micro-batches on one stage; the data-parallel reduction waits
-    for the last micro-batch (`dp.no_sync` around the others)."""
+    """Gradient accumulation over micro-batches on one stage."""
 
     has_loss = True
 
@@ -42,10 +40,9 @@ class NoPipelining:
     def train(self, batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
         n = len(batches)
         lm_sum = torch.zeros((), device=batches[0]["tokens"].device)
-        for i, batch in enumerate(batches):
-            with contextlib.nullcontext() if i == n - 1 else self.dp.no_sync():
-                lm_loss = self._loss(batch)
-                (lm_loss * (loss_scale / n)).backward()
+        for batch in batches:
+            lm_loss = self._loss(batch)
+            (lm_loss * (loss_scale / n)).backward()
             lm_sum += lm_loss.detach().float()
         return lm_sum
 
@@ -82,8 +79,8 @@ class PipelineSchedule:
     """1F1B (one chunk per rank) or interleaved 1F1B (several) over the pipeline group.
 
     Built once per run for `n_microbatches` micro-batches of shape (micro_batch, seq_length).
-    The data-parallel gradient reduction runs after the whole schedule (`dp.no_sync` around it,
-    then the loop's `finish_grad_sync`).
+    Under `--overlap-grad-reduce` a stage's gradient buckets start reducing during its last
+    micro-batch's backward, as without pipelining.
     """
 
     def __init__(self, model: GPTModel, layout: PipelineLayout, groups: ProcessGroups, n_microbatches: int,
@@ -124,8 +121,7 @@ class PipelineSchedule:
         target = (torch.cat([torch.stack([b["labels"], b["loss_mask"].long()], dim=1) for b in batches])
                   if self.has_loss else None)
         if train:
-            with self.dp.no_sync():
-                self.schedule.step(*args, target=target)
+            self.schedule.step(*args, target=target)
         else:
             self.schedule.eval(*args, target=target)
         return self._lm_sum
