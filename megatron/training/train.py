@@ -256,7 +256,8 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     trainer = Trainer(cfg, groups)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print_rank_0(groups.is_main, f"> number of parameters on rank 0: {n_params:,} "
-                 f"(world size {groups.world_size}, data-parallel {groups.dp_size}, expert-parallel {groups.ep_size})")
+                 f"(world size {groups.world_size}, pipeline-parallel {groups.pp_size}, data-parallel {groups.dp_size}, "
+                 f"expert-parallel {groups.ep_size})")
     checkpointing.load_checkpoint(trainer, cfg, groups)
     state = trainer.state
 
