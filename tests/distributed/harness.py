@@ -67,3 +67,15 @@ def _run_once(fn, world_size: int, args: tuple, timeout: float) -> list:
             raise AssertionError("\n".join(errors) or f"a rank failed: {sys.exc_info()[1]}") from None
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)["result"]
                 for r in range(world_size)]
+
+
+def run_scenarios(fn, scenarios: list) -> dict:
+    """Scenarios are tuples (name, world size, ...): run `fn(rank, world, scenarios_of_that_size)`
+    once per world size and return {name: [each rank's result for that scenario]}."""
+    results = {}
+    for world in sorted({s[1] for s in scenarios}):
+        chosen = [s for s in scenarios if s[1] == world]
+        per_rank = run_distributed(fn, world, chosen)
+        for i, scenario in enumerate(chosen):
+            results[scenario[0]] = [per_rank[r][i] for r in range(world)]
+    return results

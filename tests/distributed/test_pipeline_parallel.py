@@ -17,7 +17,7 @@ import torch
 
 from megatron.core.optimizer import is_expert_param
 from megatron.core.parallel_state import ProcessGroups, groups_from_mesh
-from tests.distributed.harness import run_distributed
+from tests.distributed.harness import run_scenarios
 from tests.helpers import make_config, rel_diff, train_steps
 
 BASE = ("--num-layers 4 --global-batch-size 8 --micro-batch-size 2 --num-experts 4 --moe-router-topk 2 "
@@ -71,13 +71,7 @@ def _reference(extra: str) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline_results():
-    results = {}
-    for world in (2, 3, 4):
-        chosen = [s for s in SCENARIOS if s[1] == world]
-        per_rank = run_distributed(_worker, world, chosen)
-        for i, scenario in enumerate(chosen):
-            results[scenario[0]] = [per_rank[r][i] for r in range(world)]
-    return results
+    return run_scenarios(_worker, SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s[0] for s in SCENARIOS])
