@@ -193,7 +193,7 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 def _load_payload(path: str) -> dict:
     payload = load_file(path, "--load-dir")
-    if not isinstance(payload, dict) or "model" not in payload:
+    if not isinstance(payload, dict) or not ("model" in payload or "model0" in payload):  # model0..: virtual stages
         raise ValueError(f"{path}: checkpoint has no 'model' entry")
     return payload
 

@@ -227,3 +227,39 @@ def test_megatron_release_checkpoint_without_iteration_loads_at_zero(tmp_path, n
     trainer, _ = loaded(f"--load {tmp_path} --no-load-optim")
     assert trainer.state.iteration == 0
     assert all(torch.equal(v, ours[k]) for k, v in trainer.model.state_dict().items())
+
+
+def test_reshard_reads_megatron_lm_interleaved_pipeline_checkpoints(tmp_path):
+    """Megatron-LM's files at P = 2 with virtual stages (V = 2): `model0`/`model1` per rank (no
+    `model` entry), chunk-local layer numbers, the tied copy of the word embedding as the last
+    chunk's `output_layer.weight`, no `config`. The offline reader merges them into the whole
+    model and reshard.py writes them for P = 1 (found by tools/megatron_parity's P = 2 check)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.training.megatron_layout import split_pipeline_chunks
+    from tests.megatron_fixtures import megatron_core_names, megatron_rng_state
+
+    split = "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2"
+    cfg = make_config(f"--num-layers 4 --moe-layer-freq [0,1,1,1] {split} --global-batch-size 8", world_size=2)
+    torch.manual_seed(0)
+    whole = GPTModel(cfg.model).state_dict()
+    args = megatron_lm_args(cfg, SAVED_ITERATION, 8, virtual_pipeline_model_parallel_size=2)
+    args.pipeline_model_parallel_size = 2
+    src, out = tmp_path / "megatron_pp2_vp2", tmp_path / "pp1"
+    pipeline = cfg.parallel.pipeline_layout(4)
+    for r in range(2):
+        chunks = split_pipeline_chunks(whole, pipeline, r, tied=True)
+        payload = {"args": args, "checkpoint_version": 3.0, "iteration": SAVED_ITERATION,
+                   "rng_state": megatron_rng_state(), "num_floating_point_operations_so_far": 0,
+                   **{f"model{v}": megatron_model_state(c, "sequential", False) for v, c in enumerate(chunks)}}
+        directory = src / f"iter_{SAVED_ITERATION:07d}" / f"mp_rank_00_{r:03d}"
+        os.makedirs(directory)
+        with megatron_core_names():
+            torch.save(payload, directory / "model_optim_rng.pt")
+    (src / "latest_checkpointed_iteration.txt").write_text(str(SAVED_ITERATION))
+
+    read = load_training_checkpoint(str(src)).model
+    assert set(read) == set(whole) and all(torch.equal(read[k], whole[k]) for k in whole)
+    run_tool("reshard.py", "--load-dir", str(src), "--save-dir", str(out), "--ckpt-format", "torch",
+             "--target-pipeline-parallel-size", "1")
+    resharded = load_training_checkpoint(str(out)).model
+    assert set(resharded) == set(whole) and all(torch.equal(resharded[k], whole[k]) for k in whole)

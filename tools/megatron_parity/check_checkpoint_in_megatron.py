@@ -169,18 +169,13 @@ def _megatron_init(port: int) -> None:
     _megatron_cpu_shims()
 
 
-def megatron_model(experts: str):
-    """Megatron-Core's GPTModel of SHAPE with the local layer spec (SequentialMLP or GroupedMLP)."""
-    import copy
-
+def megatron_config(experts: str, **overrides):
+    """Megatron-Core's TransformerConfig of SHAPE; `overrides` replace or add fields."""
     import torch.nn.functional as F
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-    from megatron.core.transformer.moe.experts import GroupedMLP
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     s = SHAPE
-    cfg = TransformerConfig(
+    fields = dict(
         num_layers=s["num_layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"],
         num_query_groups=s["groups"], ffn_hidden_size=s["ffn"], moe_ffn_hidden_size=s["moe_ffn"],
         num_moe_experts=s["experts"], moe_router_topk=s["topk"], moe_layer_freq=[0, 1],
@@ -192,9 +187,25 @@ def megatron_model(experts: str):
         moe_grouped_gemm=experts == "grouped", bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, masked_softmax_fusion=False, gradient_accumulation_fusion=False,
         persist_layer_norm=False)
-    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm")
+    return TransformerConfig(**{**fields, **overrides})
+
+
+def megatron_model(experts: str, cfg=None, tied: bool = False, pre_process: bool = True, post_process: bool = True,
+                   vp_stage=None):
+    """Megatron-Core's GPTModel of SHAPE (or of `cfg`) with the local layer spec (SequentialMLP or
+    GroupedMLP); with pipeline stages, the part `pre_process`/`post_process`/`vp_stage` name."""
+    import copy
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    s = SHAPE
+    cfg = megatron_config(experts) if cfg is None else cfg
+    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage)
     model = GPTModel(cfg, spec, vocab_size=s["vocab"], max_sequence_length=s["seq"], position_embedding_type="rope",
-                     rotary_base=10000, share_embeddings_and_output_weights=False)
+                     rotary_base=10000, share_embeddings_and_output_weights=tied, pre_process=pre_process,
+                     post_process=post_process, vp_stage=vp_stage)
     for module in model.modules():
         if isinstance(module, GroupedMLP):  # its forward asserts bf16; the computation here stays fp32
             module.config = copy.copy(module.config)
@@ -246,17 +257,13 @@ def mcore_save(work: str, experts: str) -> None:
         json.dump({"loss": megatron_loss(model, torch.load(_path(work, "batch.pt")))}, f)
 
 
-def save_megatron_checkpoint(model, root: str, experts: str, iteration: int, consumed_train_samples: int,
-                             **args_overrides) -> None:
-    """`model` saved as Megatron-LM saves a legacy checkpoint of iteration `iteration` into `root`."""
-    import random
-
-    import numpy as np
+def megatron_args(experts: str, consumed_train_samples: int, **overrides) -> argparse.Namespace:
+    """What Megatron-LM's `args` hold for this model (its attribute names); `overrides` replace or add."""
     from megatron.core.enums import ModelType
     from megatron.core.transformer.enums import AttnBackend
 
     s = SHAPE
-    args = argparse.Namespace(  # what Megatron-LM's args hold for this model (its attribute names)
+    fields = dict(
         num_layers=s["num_layers"], hidden_size=s["hidden"], num_attention_heads=s["heads"], group_query_attention=True,
         num_query_groups=s["groups"], kv_channels=s["hidden"] // s["heads"], ffn_hidden_size=s["ffn"],
         seq_length=s["seq"], max_position_embeddings=s["seq"], position_embedding_type="rope", rotary_base=10000,
@@ -267,12 +274,27 @@ def save_megatron_checkpoint(model, root: str, experts: str, iteration: int, con
         transformer_impl="local", tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
         expert_model_parallel_size=1, consumed_train_samples=consumed_train_samples,
         consumed_valid_samples=0, attention_backend=AttnBackend.auto, model_type=ModelType.encoder_or_decoder,
-        params_dtype=torch.float32, ckpt_format="torch", **args_overrides)
+        params_dtype=torch.float32, ckpt_format="torch")
+    return argparse.Namespace(**{**fields, **overrides})
+
+
+def megatron_checkpoint_payload(args: argparse.Namespace, iteration: int, models: dict) -> dict:
+    """One rank's file as Megatron-LM writes it; `models` is {"model": ...} or {"model0": ..., ...}."""
+    import random
+
+    import numpy as np
+
     rng = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(), "rng_tracker_states": {}}
-    payload = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
-               "model": model.state_dict_for_save_checkpoint(), "rng_state": [rng],
-               "num_floating_point_operations_so_far": 0}
+    return {"args": args, "checkpoint_version": 3.0, "iteration": iteration, **models, "rng_state": [rng],
+            "num_floating_point_operations_so_far": 0}
+
+
+def save_megatron_checkpoint(model, root: str, experts: str, iteration: int, consumed_train_samples: int,
+                             **args_overrides) -> None:
+    """`model` saved as Megatron-LM saves a legacy checkpoint of iteration `iteration` into `root`."""
+    args = megatron_args(experts, consumed_train_samples, **args_overrides)
+    payload = megatron_checkpoint_payload(args, iteration, {"model": model.state_dict_for_save_checkpoint()})
     directory = _path(root, f"iter_{iteration:07d}", "mp_rank_00")
     os.makedirs(directory, exist_ok=True)
     torch.save(payload, _path(directory, "model_optim_rng.pt"))
