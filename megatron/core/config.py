@@ -144,6 +144,10 @@ class ParallelConfig:
     account_for_embedding_in_pipeline_split: bool = False
     """Count the embedding as a layer when splitting, so the first stage holds one layer less
     (`--account-for-embedding-in-pipeline-split`)."""
+    pipeline_schedule: Optional[str] = None
+    """`1F1B`, `Interleaved1F1B` or `InterleavedZeroBubble` (torch.distributed.pipelining's
+    schedules, named as torchtitan names them); None picks 1F1B, or Interleaved1F1B with virtual
+    stages, as Megatron-LM does (`--pipeline-schedule`)."""
     account_for_loss_in_pipeline_split: bool = False
     """Count the output layer and loss as a layer, so the last stage holds one layer less
     (`--account-for-loss-in-pipeline-split`)."""
@@ -449,11 +453,25 @@ def validate(cfg: Config) -> None:
                          "has no expert biases: add --disable-bias-linear, or use --transformer-impl transformer_engine")
 
 
+PIPELINE_SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")
+
+
 def _validate_pipeline(cfg: Config) -> None:
     p = cfg.parallel
     layout = p.pipeline_layout(cfg.model.num_layers)
+    if p.pipeline_schedule not in (None, *PIPELINE_SCHEDULES):
+        raise ValueError(f"--pipeline-schedule must be one of {', '.join(PIPELINE_SCHEDULES)}")
     if layout.num_stages == 1:
+        if p.pipeline_schedule is not None:
+            raise ValueError("--pipeline-schedule needs --pipeline-model-parallel-size > 1")
         return
+    if p.pipeline_schedule == "1F1B" and layout.num_chunks > 1:
+        raise ValueError("--pipeline-schedule 1F1B runs one model chunk a rank; drop "
+                         "--virtual-pipeline-model-parallel-size or use Interleaved1F1B")
+    t = cfg.training
+    if p.pipeline_schedule == "InterleavedZeroBubble" and (t.recompute_granularity or t.moe_layer_recompute):
+        raise ValueError("--pipeline-schedule InterleavedZeroBubble cannot be combined with activation recompute "
+                         "(--recompute-granularity, --moe-layer-recompute): its split backward re-enters the graph")
     n, P = cfg.num_microbatches, layout.num_stages
     if n < P:
         raise ValueError(f"--pipeline-model-parallel-size {P} needs at least {P} micro-batches per step, got {n} "

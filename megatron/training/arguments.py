@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--pipeline-schedule", default=None)
     g.add_argument("--account-for-embedding-in-pipeline-split", action="store_true")
     g.add_argument("--account-for-loss-in-pipeline-split", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
@@ -431,6 +432,7 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
         account_for_embedding_in_pipeline_split=args.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=args.account_for_loss_in_pipeline_split,
+        pipeline_schedule=args.pipeline_schedule,
         distributed_backend=args.distributed_backend,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
         use_distributed_optimizer=args.use_distributed_optimizer,

@@ -77,7 +77,8 @@ def build_schedule(cfg: Config, groups: ProcessGroups, model: GPTModel, dp: Data
     layout = cfg.parallel.pipeline_layout(cfg.model.num_layers)
     if layout.num_stages == 1:
         return NoPipelining(model, dp)
-    return PipelineSchedule(model, layout, groups, cfg.num_microbatches, cfg.training.micro_batch_size, dp)
+    return PipelineSchedule(model, layout, groups, cfg.num_microbatches, cfg.training.micro_batch_size, dp,
+                            cfg.parallel.pipeline_schedule)
 
 
 class Trainer:

@@ -26,12 +26,14 @@ STEPS = 3
 PARALLEL_FLAGS = re.compile(r"--(pipeline-model-parallel-size|expert-model-parallel-size|virtual-pipeline-model-"
                             r"parallel-size|decoder-first-pipeline-num-layers|decoder-last-pipeline-num-layers|"
                             r"num-layers-per-virtual-pipeline-stage) \d+|--use-distributed-optimizer|"
-                            r"--account-for-\w+-in-pipeline-split")
+                            r"--account-for-\w+-in-pipeline-split|--pipeline-schedule \w+")
 
 # (name, world size, extra flags)
 SCENARIOS = [
     ("pp2", 2, "--pipeline-model-parallel-size 2"),
     ("pp2-interleaved", 2, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2"),
+    ("pp2-interleaved-zero-bubble", 2, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 "
+     "--pipeline-schedule InterleavedZeroBubble"),
     ("pp2-untied-sigmoid-bias", 2, "--pipeline-model-parallel-size 2 --untie-embeddings-and-output-weights "
      "--moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01"),
     ("pp2-dense-first-stage-uneven", 2, "--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 1 "

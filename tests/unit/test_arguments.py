@@ -82,6 +82,7 @@ def test_moe_layer_freq_forms():
 BAD_INPUTS = [
     ("--pipeline-model-parallel-size 2", "--pipeline-model-parallel-size"),
     ("--virtual-pipeline-model-parallel-size 2", "--pipeline-model-parallel-size > 1"),
+    ("--pipeline-schedule GPipe", "--pipeline-schedule"),
     ("--moe-router-topk 5", "--moe-router-topk"),
     ("--hidden-size 30", "--num-attention-heads"),
     ("--num-query-groups 3", "--num-query-groups"),

@@ -120,6 +120,11 @@ class DataParallel:
     def finish_grad_sync(self) -> None:
         """Sum the tied embedding copies' gradients (pipelining), then reduce every bucket not yet
         reduced and wait for all of them."""
+        for section in self.sections:  # weight gradients a schedule added by hand, not through autograd's hooks
+            if section.mixed:
+                for p in section.params:
+                    if p.grad is not None:
+                        section.accumulate_main_grad(p)
         if self.tied_embedding is not None:
             dist.all_reduce(self.dense.grad_view(self.tied_embedding), group=self.groups.embedding)
         for section in self.sections:

@@ -76,7 +76,8 @@ class StageModule(nn.Module):
 
 
 class PipelineSchedule:
-    """1F1B (one chunk per rank) or interleaved 1F1B (several) over the pipeline group.
+    """1F1B (one chunk per rank), interleaved 1F1B (several) or interleaved zero-bubble (which
+    runs the weight-gradient half of some backward passes later, to fill the bubble).
 
     Built once per run for `n_microbatches` micro-batches of shape (micro_batch, seq_length).
     Under `--overlap-grad-reduce` a stage's gradient buckets start reducing during its last
@@ -84,8 +85,8 @@ class PipelineSchedule:
     """
 
     def __init__(self, model: GPTModel, layout: PipelineLayout, groups: ProcessGroups, n_microbatches: int,
-                 micro_batch_size: int, dp):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+                 micro_batch_size: int, dp, name: Optional[str] = None):
+        from torch.distributed import pipelining
 
         self.model, self.dp, self.n = model, dp, n_microbatches
         ks = layout.virtual_stages(groups.pp_rank)
@@ -97,15 +98,15 @@ class PipelineSchedule:
                              requires_grad=True)  # example activations: shape, dtype, and that they need gradients
         tokens = torch.empty(micro_batch_size, cfg.seq_length, dtype=torch.long, device=device)
         self.stages = [StageModule(model, c, layout.is_first(k), layout.is_last(k)) for c, k in enumerate(ks)]
-        pipe = [PipelineStage(stage, k, layout.num_virtual_stages, device,
+        pipe = [pipelining.PipelineStage(stage, k, layout.num_virtual_stages, device,
                               input_args=(tokens if stage.first else hidden,), output_args=(hidden,), group=groups.pp)
                 for stage, k in zip(self.stages, ks)]
         self._scale = 1.0
         self._lm_sum: Optional[torch.Tensor] = None
-        if layout.num_chunks == 1:
-            self.schedule = Schedule1F1B(pipe[0], n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
-        else:
-            self.schedule = ScheduleInterleaved1F1B(pipe, n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        name = name or ("1F1B" if layout.num_chunks == 1 else "Interleaved1F1B")
+        schedule = getattr(pipelining, f"Schedule{name}")
+        self.schedule = schedule(pipe[0] if name == "1F1B" else pipe, n_microbatches, loss_fn=self._loss_fn,
+                                 scale_grads=False)
         self.first = layout.is_first(ks[0])
 
     def _loss_fn(self, h_BSD: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
