@@ -468,15 +468,12 @@ def _validate_pipeline(cfg: Config) -> None:
     if p.pipeline_schedule == "1F1B" and layout.num_chunks > 1:
         raise ValueError("--pipeline-schedule 1F1B runs one model chunk a rank; drop "
                          "--virtual-pipeline-model-parallel-size or use Interleaved1F1B")
-    t = cfg.training
-    if p.pipeline_schedule == "InterleavedZeroBubble" and (t.recompute_granularity or t.moe_layer_recompute):
-        raise ValueError("--pipeline-schedule InterleavedZeroBubble cannot be combined with activation recompute "
-                         "(--recompute-granularity, --moe-layer-recompute): its split backward re-enters the graph")
     n, P = cfg.num_microbatches, layout.num_stages
     if n < P:
         raise ValueError(f"--pipeline-model-parallel-size {P} needs at least {P} micro-batches per step, got {n} "
                          "(--global-batch-size / (--micro-batch-size x data-parallel size)); raise --global-batch-size")
-    if layout.num_chunks > 1 and n % (n // P):
+    interleaved = layout.num_chunks > 1 or (p.pipeline_schedule or "").startswith("Interleaved")
+    if interleaved and n % (n // P):
         raise ValueError(f"the interleaved schedule runs micro-batches in rounds of {P} (the pipeline size): "
                          f"{n} micro-batches per step do not split into {n // P} equal rounds; "
                          f"use a multiple of {P} (--global-batch-size)")

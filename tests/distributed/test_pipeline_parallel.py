@@ -32,8 +32,8 @@ PARALLEL_FLAGS = re.compile(r"--(pipeline-model-parallel-size|expert-model-paral
 SCENARIOS = [
     ("pp2", 2, "--pipeline-model-parallel-size 2"),
     ("pp2-interleaved", 2, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2"),
-    ("pp2-interleaved-zero-bubble", 2, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 "
-     "--pipeline-schedule InterleavedZeroBubble"),
+    ("pp2-interleaved-zero-bubble-recompute", 2, "--pipeline-model-parallel-size 2 "
+     "--virtual-pipeline-model-parallel-size 2 --pipeline-schedule InterleavedZeroBubble --moe-layer-recompute"),
     ("pp2-untied-sigmoid-bias", 2, "--pipeline-model-parallel-size 2 --untie-embeddings-and-output-weights "
      "--moe-router-score-function sigmoid --moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01"),
     ("pp2-dense-first-stage-uneven", 2, "--pipeline-model-parallel-size 2 --decoder-first-pipeline-num-layers 1 "
