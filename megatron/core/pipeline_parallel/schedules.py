@@ -90,16 +90,18 @@ class PipelineSchedule:
 
         self.model, self.dp, self.n = model, dp, n_microbatches
         ks = layout.virtual_stages(groups.pp_rank)
-        self.has_loss = layout.is_last(ks[-1])
+        self.first, self.has_loss = layout.is_first(ks[0]), layout.is_last(ks[-1])
         cfg = model.config
         dtype = next(model.parameters()).dtype
         device = groups.device
-        hidden = torch.empty(micro_batch_size, cfg.seq_length, cfg.hidden_size, dtype=dtype, device=device,
-                             requires_grad=True)  # example activations: shape, dtype, and that they need gradients
-        tokens = torch.empty(micro_batch_size, cfg.seq_length, dtype=torch.long, device=device)
+        # Example inputs and outputs: their shape, dtype, and that activations need gradients.
+        hidden_BSD = torch.empty(micro_batch_size, cfg.seq_length, cfg.hidden_size, dtype=dtype, device=device,
+                                 requires_grad=True)
+        tokens_BS = torch.empty(micro_batch_size, cfg.seq_length, dtype=torch.long, device=device)
         self.stages = [StageModule(model, c, layout.is_first(k), layout.is_last(k)) for c, k in enumerate(ks)]
         pipe = [pipelining.PipelineStage(stage, k, layout.num_virtual_stages, device,
-                              input_args=(tokens if stage.first else hidden,), output_args=(hidden,), group=groups.pp)
+                                         input_args=(tokens_BS if stage.first else hidden_BSD,),
+                                         output_args=(hidden_BSD,), group=groups.pp)
                 for stage, k in zip(self.stages, ks)]
         self._scale = 1.0
         self._lm_sum: Optional[torch.Tensor] = None
@@ -107,10 +109,9 @@ class PipelineSchedule:
         schedule = getattr(pipelining, f"Schedule{name}")
         self.schedule = schedule(pipe[0] if name == "1F1B" else pipe, n_microbatches, loss_fn=self._loss_fn,
                                  scale_grads=False)
-        self.first = layout.is_first(ks[0])
 
     def _loss_fn(self, h_BSD: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """target_B2S: labels and loss mask of one micro-batch, stacked."""
+        """target_B2S: labels and loss mask (0/1) of one micro-batch, stacked as int64."""
         lm_loss = self.model.loss(h_BSD, target[:, 0], target[:, 1].float())
         self._lm_sum += lm_loss.detach().float()
         return lm_loss * self._scale
