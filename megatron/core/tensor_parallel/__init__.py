@@ -5,6 +5,14 @@ Nothing here reads a global: every function and layer takes its tensor-parallel 
 explicitly (None, or a group of size 1, means no tensor parallelism).
 """
 
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    all_reduce_sequence_parallel_grads,
+    split_qkv,
+    split_swiglu_fc1,
+)
 from megatron.core.tensor_parallel.mappings import (
     SEQUENCE_DIM,
     copy_to_tensor_parallel_region,
@@ -15,6 +23,12 @@ from megatron.core.tensor_parallel.mappings import (
 )
 
 __all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "all_reduce_sequence_parallel_grads",
+    "split_qkv",
+    "split_swiglu_fc1",
     "SEQUENCE_DIM",
     "copy_to_tensor_parallel_region",
     "gather_from_sequence_parallel_region",

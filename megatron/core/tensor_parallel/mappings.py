@@ -58,7 +58,8 @@ def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     n = group_size(group)
     x0 = x.movedim(dim, 0).contiguous()
     out = torch.empty((n * x0.shape[0],) + tuple(x0.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x0, group=group)
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, x0, group=group)
     return out.movedim(0, dim).contiguous()
 
 
