@@ -11,8 +11,9 @@ import torch
 
 import torch.nn.functional as F
 
+from megatron.core.fusions.linear_cross_entropy import linear_cross_entropy
 from megatron.core.fusions.swiglu import swiglu
-from megatron.core.tensor_parallel import layers, mappings
+from megatron.core.tensor_parallel import cross_entropy, layers, mappings
 from tests.distributed.harness import run_distributed
 
 WORLD = 2
@@ -207,7 +208,39 @@ def check_attention(group, rank: int, world: int) -> dict:
     return out
 
 
-CHECKS = [check_mappings, check_column, check_row, check_embedding, check_swiglu_mlp, check_attention]
+def check_cross_entropy(group, rank: int, world: int) -> dict:
+    """Vocab-parallel fused loss (chunked, masked) equals full softmax cross-entropy and the fused loss."""
+    out = {}
+    B, S, D, V = 2, 6, 8, 20
+    h, w = _seeded(1, B, S, D), _seeded(2, V, D)
+    labels = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(3))
+    mask = (torch.rand(B * S, generator=torch.Generator().manual_seed(4)) > 0.3).float()
+    weights = mask / mask.sum()
+
+    def full_ce(h, w):
+        per_token = F.cross_entropy(F.linear(h.flatten(0, 1), w), labels.flatten(), reduction="none")
+        return (per_token * weights).sum()
+
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss_ref = full_ce(hr, wr)
+    loss_ref.backward()
+    fused = linear_cross_entropy(h.flatten(0, 1), w, labels.flatten(), weights)
+    out["fused_reference"] = rel_diff(fused, loss_ref)
+    for sp in (False, True):
+        for chunk in (None, 5):  # one chunk; uneven chunks of 5 tokens
+            wl = layers.split_rows(w, group).requires_grad_()
+            hl = _sp_in(h, group, sp)
+            loss = cross_entropy.vocab_parallel_cross_entropy_loss(hl, wl, labels, weights, group, sp, chunk)
+            (2.0 * loss).backward()
+            tag = f"sp={sp}/chunk={chunk}"
+            out[f"{tag}/loss"] = rel_diff(loss, loss_ref)
+            out[f"{tag}/dh"] = rel_diff(hl.grad, 2.0 * _sp_ref(hr.grad, group, sp))
+            out[f"{tag}/dw"] = rel_diff(wl.grad, 2.0 * layers.split_rows(wr.grad, group))
+    return out
+
+
+CHECKS = [check_mappings, check_column, check_row, check_embedding, check_swiglu_mlp, check_attention,
+          check_cross_entropy]
 
 
 def _worker(rank: int, world: int) -> dict:
@@ -245,12 +278,12 @@ def test_identity_without_group():
         assert fn(x, None) is x
 
 
-@pytest.mark.parametrize("check", ["column", "row", "embedding", "swiglu_mlp", "attention"])
+@pytest.mark.parametrize("check", ["column", "row", "embedding", "swiglu_mlp", "attention", "cross_entropy"])
 def test_layers_equal_single_device(results, check):
     _assert_close(results, f"check_{check}:")
 
 
-def test_split_swiglu_fc1_and_qkv_refuse_bad_sizes():
-    w = torch.arange(8.0).view(8, 1)
-    assert layers.split_swiglu_fc1(w, None).equal(w)
-    assert layers.split_qkv(2)(w, None).equal(w)
+def test_split_qkv_refuses_groups_not_dividing_tp(monkeypatch):
+    monkeypatch.setattr(layers, "group_size", lambda group: 2)
+    with pytest.raises(ValueError, match="query groups"):
+        layers.split_qkv(3)(torch.zeros(6, 1), object())

@@ -5,6 +5,10 @@ Nothing here reads a global: every function and layer takes its tensor-parallel 
 explicitly (None, or a group of size 1, means no tensor parallelism).
 """
 
+from megatron.core.tensor_parallel.cross_entropy import (
+    vocab_parallel_cross_entropy_loss,
+    vocab_parallel_linear_cross_entropy,
+)
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -35,4 +39,6 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
+    "vocab_parallel_cross_entropy_loss",
+    "vocab_parallel_linear_cross_entropy",
 ]
