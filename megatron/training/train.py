@@ -72,12 +72,12 @@ def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
                         init_seed=cfg.training.seed)
 
 
-def build_schedule(cfg: Config, groups: ProcessGroups, model: GPTModel, dp: DataParallel):
+def build_schedule(cfg: Config, groups: ProcessGroups, model: GPTModel):
     """Plain gradient accumulation without pipelining, else (interleaved) 1F1B."""
     layout = cfg.parallel.pipeline_layout(cfg.model.num_layers)
     if layout.num_stages == 1:
-        return NoPipelining(model, dp)
-    return PipelineSchedule(model, layout, groups, cfg.num_microbatches, cfg.training.micro_batch_size, dp,
+        return NoPipelining(model)
+    return PipelineSchedule(model, layout, groups, cfg.num_microbatches, cfg.training.micro_batch_size,
                             cfg.parallel.pipeline_schedule)
 
 
@@ -95,7 +95,7 @@ class Trainer:
         self.model = build_model(cfg, groups)  # fp32; DataParallel casts it to bf16/fp16
         tied = None if cfg.model.untie_embeddings_and_output_weights else "embedding.word_embeddings.weight"
         self.dp = DataParallel(self.model, groups, cfg.parallel, params_dtype(t), tied_embedding=tied)
-        self.schedule = build_schedule(cfg, groups, self.model, self.dp)
+        self.schedule = build_schedule(cfg, groups, self.model)  # after DataParallel cast the parameters
         self.optimizer = self.dp.build_optimizer(cfg.optimizer)
         self.scheduler = OptimizerParamScheduler(self.optimizer, cfg.optimizer)
         self.scaler = (LossScaler(t.initial_loss_scale, t.min_loss_scale, t.loss_scale_window, t.hysteresis,

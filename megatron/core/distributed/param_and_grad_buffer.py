@@ -156,12 +156,10 @@ class Section:
         """The parts of p's gradient this rank owns: all of it, or with sharding its slices
         inside this rank's chunk of each bucket."""
         lo, hi = self.offsets[p], self.offsets[p] + p.numel()
-        if not self.shard:
-            return [self.grad_buffer[lo:hi]]
         parts = []
         for b in self.buckets:
-            c = (b.end - b.start) // self.size
-            a, z = max(lo, b.start + self.rank * c), min(hi, b.start + (self.rank + 1) * c)
+            owned_lo, owned_hi = self.owned_range(b)
+            a, z = max(lo, owned_lo), min(hi, owned_hi)
             if a < z:
                 parts.append(self.grad_buffer[a:z])
         return parts

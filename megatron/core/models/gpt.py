@@ -86,7 +86,6 @@ class GPTModel(nn.Module):
                  init_seed: Optional[int] = None):
         super().__init__()
         self.config = config
-        self.pre_process, self.post_process = pre_process, post_process
         self.embedding = None
         if pre_process:
             with init.seeded(init_seed, -1):

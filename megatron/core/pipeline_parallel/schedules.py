@@ -33,9 +33,8 @@ class NoPipelining:
 
     has_loss = True
 
-    def __init__(self, model: GPTModel, dp):
+    def __init__(self, model: GPTModel):
         self.model = model
-        self.dp = dp
 
     def train(self, batches: list[dict], loss_scale: float = 1.0) -> torch.Tensor:
         n = len(batches)
@@ -85,10 +84,10 @@ class PipelineSchedule:
     """
 
     def __init__(self, model: GPTModel, layout: PipelineLayout, groups: ProcessGroups, n_microbatches: int,
-                 micro_batch_size: int, dp, name: Optional[str] = None):
+                 micro_batch_size: int, name: Optional[str] = None):
         from torch.distributed import pipelining
 
-        self.model, self.dp, self.n = model, dp, n_microbatches
+        self.model, self.n = model, n_microbatches
         ks = layout.virtual_stages(groups.pp_rank)
         self.first, self.has_loss = layout.is_first(ks[0]), layout.is_last(ks[-1])
         cfg = model.config
@@ -98,11 +97,11 @@ class PipelineSchedule:
         hidden_BSD = torch.empty(micro_batch_size, cfg.seq_length, cfg.hidden_size, dtype=dtype, device=device,
                                  requires_grad=True)
         tokens_BS = torch.empty(micro_batch_size, cfg.seq_length, dtype=torch.long, device=device)
-        self.stages = [StageModule(model, c, layout.is_first(k), layout.is_last(k)) for c, k in enumerate(ks)]
+        stages = [StageModule(model, c, layout.is_first(k), layout.is_last(k)) for c, k in enumerate(ks)]
         pipe = [pipelining.PipelineStage(stage, k, layout.num_virtual_stages, device,
                                          input_args=(tokens_BS if stage.first else hidden_BSD,),
                                          output_args=(hidden_BSD,), group=groups.pp)
-                for stage, k in zip(self.stages, ks)]
+                for stage, k in zip(stages, ks)]
         self._scale = 1.0
         self._lm_sum: Optional[torch.Tensor] = None
         name = name or ("1F1B" if layout.num_chunks == 1 else "Interleaved1F1B")
