@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pa
 from megatron.core.config import validate  # noqa: E402
 from megatron.training.arguments import config_from_args, parse_args  # noqa: E402
 from megatron.training.flops import active_params_per_layer, ffn_params, training_flops_per_token  # noqa: E402
+from megatron.training.train import recompute_plan  # noqa: E402
 
 GIB = 2**30
 LOGITS_CHUNK = 2**27  # logits elements per chunk of the fused cross-entropy on a GPU
@@ -149,24 +150,32 @@ def layer_activation_bytes(model, layer: int, T: int, b: int, moe_recompute: boo
     return act
 
 
-def chunk_activation_bytes(model, layers: list[int], T: int, b: int, training) -> tuple[float, float]:
-    """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute flags."""
-    full = [layer_activation_bytes(model, i, T, b, training.moe_layer_recompute) for i in layers]
-    if training.recompute_granularity != "full" or not layers:
-        return sum(full), 0.0
-    n = training.recompute_num_layers or 1
-    if training.recompute_method == "block":
-        k = min(n, len(layers))
-        return k * T * model.hidden_size * b + sum(full[k:]), max(full[:k], default=0.0)
-    runs = [full[i:i + n] for i in range(0, len(layers), n)]
-    return len(runs) * T * model.hidden_size * b, max(sum(run) for run in runs)
+def chunk_recompute(cfg, layers: list[int]) -> tuple[tuple[tuple[int, int], ...], list[int]]:
+    """(the chunk's whole-layer recompute segments, as [start, end) positions in `layers`; the
+    layers whose forward, or part of it, backward re-runs), from the plan the model builds."""
+    if not layers:
+        return (), []
+    plan = recompute_plan(cfg, len(layers))
+    in_segment = {j for a, z in plan.full_segments for j in range(a, z)}
+    return plan.full_segments, [i for j, i in enumerate(layers) if j in in_segment or plan.per_layer[j]]
+
+
+def chunk_activation_bytes(cfg, layers: list[int], T: int, b: int) -> tuple[float, float]:
+    """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute
+    flags: a recomputed segment keeps only its input, and re-creates its layers' activations once."""
+    model = cfg.model
+    full = [layer_activation_bytes(model, i, T, b, cfg.training.moe_layer_recompute) for i in layers]
+    segments, _ = chunk_recompute(cfg, layers)
+    in_segment = {j for a, z in segments for j in range(a, z)}
+    kept = len(segments) * T * model.hidden_size * b + sum(f for j, f in enumerate(full) if j not in in_segment)
+    return kept, max((sum(full[a:z]) for a, z in segments), default=0.0)
 
 
 def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
     m, t = cfg.model, cfg.training
     P, V, mb = layout.num_stages, layout.num_chunks, cfg.num_microbatches
     T = t.micro_batch_size * m.seq_length
-    chunks = [chunk_activation_bytes(m, list(layout.layers(k)), T, b, t) for k in layout.virtual_stages(r)]
+    chunks = [chunk_activation_bytes(cfg, list(layout.layers(k)), T, b) for k in layout.virtual_stages(r)]
     per_chunk = sum(kept for kept, _ in chunks) / V
     act = inflight_chunks(P, V, mb, r) * per_chunk + max(transient for _, transient in chunks)
     if r == P - 1:  # fused output layer + loss
@@ -204,22 +213,17 @@ def stage_flops_per_token(model, layout, r: int) -> float:
     return flops
 
 
-def recomputed_layers(layout, r: int, training) -> list[int]:
+def recomputed_layers(cfg, layout, r: int) -> list[int]:
     """Layers of stage r whose forward (or part of it) backward re-runs."""
-    if training.recompute_granularity is None and not training.moe_layer_recompute:
-        return []
-    if training.recompute_granularity == "full" and training.recompute_method == "block":
-        n = training.recompute_num_layers or 1
-        return [i for k in layout.virtual_stages(r) for i in list(layout.layers(k))[:n]]
-    return layout.rank_layers(r)
+    return [i for k in layout.virtual_stages(r) for i in chunk_recompute(cfg, list(layout.layers(k)))[1]]
 
 
-def recompute_flops_per_token(model, layout, r: int, training) -> float:
+def recompute_flops_per_token(cfg, layout, r: int) -> float:
     """Extra forward FLOPs per token that stage r spends re-running what the recompute flags drop
     (a forward pass is a third of training FLOPs: 2 x parameters + 4 S D of attention per layer)."""
-    S, D = model.seq_length, model.hidden_size
-    moe = model.moe
-    redo = recomputed_layers(layout, r, training)
+    model, training = cfg.model, cfg.training
+    S, D, moe = model.seq_length, model.hidden_size, model.moe
+    redo = recomputed_layers(cfg, layout, r)
     if training.recompute_granularity == "full":
         return sum(2.0 * active_params_per_layer(model, i) + 4 * S * D for i in redo)
     if training.recompute_granularity == "selective":
@@ -262,8 +266,8 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
         moe_layers = sum(1 for i in layers if m.moe and m.moe.is_moe_layer(i))
         exchanges = 4 * moe_layers * mb  # dispatch + combine, forward and backward
         if t.recompute_granularity == "full" or t.moe_layer_recompute:  # a re-run forward exchanges twice more
-            exchanges += 2 * mb * sum(1 for i in recomputed_layers(layout, r, t) if m.moe and m.moe.is_moe_layer(i))
-        flops = stage_flops_per_token(m, layout, r) + recompute_flops_per_token(m, layout, r, t)
+            exchanges += 2 * mb * sum(1 for i in recomputed_layers(cfg, layout, r) if m.moe and m.moe.is_moe_layer(i))
+        flops = stage_flops_per_token(m, layout, r) + recompute_flops_per_token(cfg, layout, r)
         compute_s = flops * tokens_per_dp_rank / (tflops * 1e12)
         a2a_bytes = exchanges * per_exchange
         a2a_s = exchanges * exchange_seconds(per_exchange, ep - 1, a2a_gbps, alpha_us) if ep > 1 else 0.0
