@@ -85,6 +85,16 @@ def rank_dir_name(ep_size: int, ep_rank: int, pp_size: int = 1, pp_rank: int = 0
     return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
 
 
+def is_model_entry(key: str) -> bool:
+    """Whether a legacy payload key holds model tensors: `model`, or `model0`, `model1`, ... (one
+    per virtual pipeline chunk)."""
+    return re.fullmatch(r"model\d*", key) is not None
+
+
+def has_model_entry(payload) -> bool:
+    return isinstance(payload, dict) and any(is_model_entry(k) for k in payload)
+
+
 def legacy_model_entries(chunks: list[dict]) -> dict:
     """The payload's model entries: `model`, or `model0`, `model1`, ... with virtual stages."""
     return {"model": chunks[0]} if len(chunks) == 1 else {f"model{v}": c for v, c in enumerate(chunks)}
@@ -94,7 +104,7 @@ def legacy_model_chunks(payload: dict, num_chunks: int, source: str) -> list[dic
     """The per-chunk model state dicts of a legacy file; ValueError naming `source` when its
     entries do not match the `num_chunks` chunks the saved args describe."""
     keys = ["model"] if num_chunks == 1 else [f"model{v}" for v in range(num_chunks)]
-    found = sorted(k for k in payload if k == "model" or re.fullmatch(r"model\d+", k))
+    found = sorted(k for k in payload if is_model_entry(k))
     if found != sorted(keys):
         raise ValueError(f"{source} holds model entries {found or 'none'}, but its args describe {num_chunks} "
                          f"model chunk(s) a pipeline rank ({', '.join(keys)})")
@@ -351,7 +361,7 @@ def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torc
             "with another pipeline- or expert-parallel size: convert it with tools/checkpoint/reshard.py "
             "--target-pipeline-parallel-size / --target-expert-parallel-size)")
     payload = load_file(path)
-    if not isinstance(payload, dict) or not ("model" in payload or "model0" in payload):
+    if not has_model_entry(payload):
         raise CheckpointError(f"--load: {path} holds no 'model' entry; it is not a model checkpoint")
     check_compatible(payload.get("config"), cfg, directory)
     try:

@@ -43,6 +43,8 @@ from megatron.training.checkpointing import (
     is_own_optimizer_state,
     is_torch_dist,
     iteration_dir,
+    has_model_entry,
+    is_model_entry,
     legacy_model_chunks,
     legacy_model_entries,
     rank_dir_name,
@@ -128,11 +130,8 @@ def _checkpoint_dir(root: str) -> tuple[str, int]:
     return directory, iteration
 
 
-def _rank_files(directory: str, pp_size: Optional[int] = None) -> list[list[str]]:
-    """model_optim_rng.pt of each rank: files[pp_rank][ep_rank] (TP = 1 only).
-
-    `mp_rank_00_NNN` is a pipeline rank when `pp_size` > 1 (the saved args say so), else an
-    expert-parallel rank; `mp_rank_00_PPP_EEE` is both. `pp_size` None: read from the files' args."""
+def _rank_dirs(directory: str) -> dict[str, list[int]]:
+    """{`mp_rank_00[_NNN][_NNN]` directory name: its one or two rank numbers} (TP = 1 only)."""
     names = {}
     for name in os.listdir(directory):
         match = _RANK_DIR.match(name)
@@ -143,19 +142,28 @@ def _rank_files(directory: str, pp_size: Optional[int] = None) -> list[list[str]
         names[name] = [int(g) for g in match.groups()[1:] if g is not None]
     if not names:
         raise ValueError(f"{directory} has no mp_rank_00* directories")
-    if pp_size is None:
-        if any(len(idx) == 2 for idx in names.values()):
-            pp_size = 2  # only its being > 1 matters here
-        else:
-            first = os.path.join(directory, min(names), MODEL_FILE)
-            args = _load_payload(first).get("args") if os.path.isfile(first) else None
-            pp_size = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    return names
+
+
+def _first_rank_file(directory: str) -> str:
+    """model_optim_rng.pt of pipeline rank 0, expert-parallel rank 0 (whose args describe the split)."""
+    path = os.path.join(directory, min(_rank_dirs(directory)), MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing")
+    return path
+
+
+def _rank_files(directory: str, pp_size: int) -> list[list[str]]:
+    """model_optim_rng.pt of each rank: files[pp_rank][ep_rank] (TP = 1 only).
+
+    `mp_rank_00_NNN` is a pipeline rank when `pp_size` > 1 (the saved args say so), else an
+    expert-parallel rank; `mp_rank_00_PPP_EEE` is both."""
     ranks = {}
-    for name, idx in names.items():
-        pp, ep = (idx + [0, 0])[:2] if pp_size > 1 else (0, (idx or [0])[0])
+    for name, idx in _rank_dirs(directory).items():
         if len(idx) == 2 and pp_size == 1:
             raise ValueError(f"{directory}/{name}: a pipeline-parallel rank, but the checkpoint's args say "
                              "pipeline_model_parallel_size 1")
+        pp, ep = (idx + [0, 0])[:2] if pp_size > 1 else (0, (idx or [0])[0])
         ranks[(pp, ep)] = name
     P = max(pp for pp, _ in ranks) + 1
     E = max(ep for _, ep in ranks) + 1
@@ -193,7 +201,7 @@ def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 def _load_payload(path: str) -> dict:
     payload = load_file(path, "--load-dir")
-    if not isinstance(payload, dict) or not ("model" in payload or "model0" in payload):  # model0..: virtual stages
+    if not has_model_entry(payload):
         raise ValueError(f"{path}: checkpoint has no 'model' entry")
     return payload
 
@@ -262,11 +270,13 @@ def load_training_checkpoint(root: str) -> TrainingCheckpoint:
         ckpt = _load_torch_dist_whole(directory)
         ckpt.pipeline = saved_pipeline(ckpt.common)
         return ckpt
-    paths = _rank_files(directory)
-    payloads = [[_load_payload(path) for path in row] for row in paths]
-    head = payloads[0][0]
+    head_path = _first_rank_file(directory)
+    head = _load_payload(head_path)  # read once: its args say how the other rank directories divide
+    pp_size = int(getattr(head.get("args"), "pipeline_model_parallel_size", 1) or 1)
+    paths = _rank_files(directory, pp_size)
+    payloads = [[head if path == head_path else _load_payload(path) for path in row] for row in paths]
     common = {k: v for k, v in head.items()
-              if k not in ("model", "optimizer", "rng_state") and not re.fullmatch(r"model\d+", k)}
+              if k not in ("optimizer", "rng_state") and not is_model_entry(k)}
     common.setdefault("iteration", iteration)
     pipeline = saved_pipeline(common)
     if pipeline.num_stages != len(paths):
