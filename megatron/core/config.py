@@ -128,7 +128,15 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """Ranks over which each MoE layer's experts are split, EP (`--expert-model-parallel-size`)."""
     tensor_model_parallel_size: int = 1
-    """Tensor parallelism; only 1 for now (`--tensor-model-parallel-size`)."""
+    """Ranks splitting attention heads, dense FFN width and the vocabulary, T; the innermost
+    mesh dimension (`--tensor-model-parallel-size`)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence between tensor-parallel regions (norms, dropout,
+    residual, MoE routing run on S / T positions); off when T = 1 (`--sequence-parallel`)."""
+    expert_tensor_parallel_size: Optional[int] = None
+    """Ranks splitting each expert's FFN width, ETP; None means T, as in Megatron-Core. ETP = 1
+    with T > 1 folds the expert-parallel group over the tensor-parallel ranks
+    (`--expert-tensor-parallel-size`)."""
     pipeline_model_parallel_size: int = 1
     """Pipeline stages the layers are split into, P; the outermost mesh dimension
     (`--pipeline-model-parallel-size`)."""
@@ -165,6 +173,11 @@ class ParallelConfig:
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """ETP, resolved: `expert_tensor_parallel_size`, else T."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def pipeline_layout(self, num_layers: int) -> PipelineLayout:
         """Which layers each (virtual) pipeline stage holds; ValueError naming the flag if they do not split."""
@@ -404,17 +417,21 @@ def validate(cfg: Config) -> None:
             raise ValueError(f"{flag} must be in [0, 1), got {rate}")
     if m.moe is not None:
         _validate_moe(m.moe, m, p)
-    if p.tensor_model_parallel_size != 1:
-        raise ValueError("--tensor-model-parallel-size > 1 is not supported yet; use 1")
     _positive(p.pipeline_model_parallel_size, "--pipeline-model-parallel-size")
     stage_ranks = p.world_size // p.pipeline_model_parallel_size
     if p.world_size % p.pipeline_model_parallel_size:
         raise ValueError(f"world size ({p.world_size}) must be divisible by --pipeline-model-parallel-size "
                          f"({p.pipeline_model_parallel_size})")
-    if stage_ranks % p.expert_model_parallel_size:
-        per_stage = f" / --pipeline-model-parallel-size = {stage_ranks}" if p.pipeline_model_parallel_size > 1 else ""
+    _validate_tensor_parallel(m, p)
+    per_stage = f" / --pipeline-model-parallel-size = {stage_ranks}" if p.pipeline_model_parallel_size > 1 else ""
+    if stage_ranks % p.tensor_model_parallel_size:
         raise ValueError(f"world size ({p.world_size}){per_stage} must be divisible by "
-                         f"--expert-model-parallel-size ({p.expert_model_parallel_size})")
+                         f"--tensor-model-parallel-size ({p.tensor_model_parallel_size})")
+    expert_ranks = p.expert_model_parallel_size * p.expert_tensor_size
+    if stage_ranks % expert_ranks:
+        etp = f" x --expert-tensor-parallel-size ({p.expert_tensor_size})" if p.expert_tensor_size > 1 else ""
+        raise ValueError(f"world size ({p.world_size}){per_stage} must be divisible by "
+                         f"--expert-model-parallel-size ({p.expert_model_parallel_size}){etp}")
     if p.expert_model_parallel_size > 1 and m.moe is None:
         raise ValueError("--expert-model-parallel-size > 1 needs --num-experts")
     if p.distributed_backend not in (None, "nccl", "gloo"):
@@ -454,6 +471,32 @@ def validate(cfg: Config) -> None:
 
 
 PIPELINE_SCHEDULES = ("1F1B", "Interleaved1F1B", "InterleavedZeroBubble")
+
+
+def _validate_tensor_parallel(m: ModelConfig, p: ParallelConfig) -> None:
+    """T must divide heads, query groups, FFN widths and the padded vocabulary; ETP the expert FFN."""
+    T = p.tensor_model_parallel_size
+    _positive(T, "--tensor-model-parallel-size")
+    if p.expert_tensor_parallel_size is not None:
+        _positive(p.expert_tensor_parallel_size, "--expert-tensor-parallel-size")
+    has_dense_ffn = m.moe is None or not all(m.moe.layer_pattern)
+    for value, flag in [(m.num_attention_heads, "--num-attention-heads"), (m.num_query_groups, "--num-query-groups"),
+                        (m.ffn_hidden_size if has_dense_ffn else 0, "--ffn-hidden-size"),
+                        (m.vocab_size, "the padded vocabulary size")]:
+        if value % T:
+            raise ValueError(f"--tensor-model-parallel-size ({T}) must divide {flag} ({value})")
+    if m.moe is not None:
+        etp = p.expert_tensor_size
+        if m.moe.ffn_hidden_size % etp:
+            raise ValueError(f"--expert-tensor-parallel-size ({etp}) must divide --moe-ffn-hidden-size "
+                             f"({m.moe.ffn_hidden_size})")
+        shared = m.moe.shared_expert_ffn_hidden_size
+        if shared and shared % T:
+            raise ValueError(f"--tensor-model-parallel-size ({T}) must divide "
+                             f"--moe-shared-expert-intermediate-size ({shared})")
+    if p.sequence_parallel and m.seq_length % T:
+        raise ValueError(f"--sequence-parallel needs --seq-length ({m.seq_length}) divisible by "
+                         f"--tensor-model-parallel-size ({T})")
 
 
 def _validate_pipeline(cfg: Config) -> None:

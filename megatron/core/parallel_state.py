@@ -1,11 +1,18 @@
-"""Process groups of one run, all cut from one DeviceMesh, held in an object passed around.
+"""Process groups of one run, all cut from one rank layout, held in an object passed around.
 
-Mesh layout (TP = 1 for now): shape (P, world / (P * EP), EP) with dims ("pp",
-"expert_dp", "ep"), Megatron's rank order with pipeline stages outermost. Expert-parallel
-groups are runs of consecutive ranks, so that EP stays inside a node where it can; the
-expert-data-parallel group joins the ranks of one stage holding the same experts; the
-data-parallel group of the dense parameters is one stage's ranks (the inner two dims,
-flattened); the pipeline group joins the ranks at the same place in every stage.
+Megatron's rank order, tensor-parallel ranks innermost and pipeline stages outermost. The
+world's ranks, arange(world), are viewed two ways ("MoE parallel folding"):
+
+    dense layers:  (P, DP, T)              dims ("pp", "dp", "tp")
+    experts:       (P, EDP, EP, ETP)       dims ("pp", "expert_dp", "ep", "etp")
+
+so a stage's S = world / P ranks split as DP x T for attention and dense FFNs and, independently,
+as EDP x EP x ETP for the experts: with ETP = 1 the expert-parallel group can span the
+tensor-parallel ranks, and with ETP = T (Megatron-Core's default) it strides over them. Both
+views are DeviceMeshes over the same ranks in the same order; every group below is one of their
+dimensions or a flattening of adjacent ones. Tensor- and expert-parallel groups are runs of
+consecutive ranks, so that they stay inside a node where they can; the pipeline group joins the
+ranks at the same place in every stage.
 
 No module-level state: `initialize` returns a `ProcessGroups`, and code that needs a group
 receives it as an argument.
@@ -76,11 +83,24 @@ class ProcessGroups:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: Optional[str] = None
     mesh: Optional[object] = None
-    """This rank's stage of the mesh, dims ("expert_dp", "ep"): experts are sharded over it."""
+    """This rank's stage of the expert mesh, dims ("expert_dp", "ep", "etp"): experts are
+    sharded over "ep" (and their FFN width over "etp")."""
+    dense_mesh: Optional[object] = None
+    """This rank's stage of the dense mesh, dims ("dp", "tp")."""
     dp: Optional[dist.ProcessGroup] = None
-    """Data-parallel group of the dense (non-expert) parameters: one stage's ranks (TP = 1)."""
+    """Data-parallel group of the dense (non-expert) parameters: ranks of one stage with the
+    same tensor-parallel rank."""
+    tp: Optional[dist.ProcessGroup] = None
+    """Tensor-parallel group: ranks splitting attention, dense FFNs and the vocabulary, and (with
+    sequence parallelism) holding consecutive shards of the same sequences."""
+    tp_dp: Optional[dist.ProcessGroup] = None
+    """All ranks of this rank's pipeline stage (tensor x data parallel)."""
     ep: Optional[dist.ProcessGroup] = None
     """Expert-parallel group: ranks that split one MoE layer's experts between them."""
+    etp: Optional[dist.ProcessGroup] = None
+    """Expert-tensor-parallel group: ranks splitting each local expert's FFN width."""
+    ep_etp: Optional[dist.ProcessGroup] = None
+    """Expert-parallel x expert-tensor-parallel group: the ranks holding different expert weights."""
     expert_dp: Optional[dist.ProcessGroup] = None
     """Expert-data-parallel group: ranks holding replicas of the same experts."""
     pp: Optional[dist.ProcessGroup] = None
@@ -96,6 +116,18 @@ class ProcessGroups:
     @property
     def dp_rank(self) -> int:
         return _rank(self.dp)
+
+    @property
+    def tp_size(self) -> int:
+        return _size(self.tp)
+
+    @property
+    def tp_rank(self) -> int:
+        return _rank(self.tp)
+
+    @property
+    def etp_size(self) -> int:
+        return _size(self.etp)
 
     @property
     def ep_size(self) -> int:
@@ -150,31 +182,43 @@ def initialize(parallel: ParallelConfig) -> ProcessGroups:
         _export_slurm_rendezvous(env)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
     return groups_from_mesh(parallel.expert_model_parallel_size, device, backend,
-                            parallel.pipeline_model_parallel_size)
+                            parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size,
+                            parallel.expert_tensor_parallel_size)
 
 
 def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None,
-                     pp_size: int = 1) -> ProcessGroups:
-    """ProcessGroups for an initialised default group, from a ("pp", "expert_dp", "ep") DeviceMesh."""
-    from torch.distributed.device_mesh import init_device_mesh
+                     pp_size: int = 1, tp_size: int = 1, etp_size: Optional[int] = None) -> ProcessGroups:
+    """ProcessGroups for an initialised default group: the dense ("pp", "dp", "tp") and expert
+    ("pp", "expert_dp", "ep", "etp") views of the same ranks (module docstring). `etp_size`
+    defaults to `tp_size`, as Megatron-Core's --expert-tensor-parallel-size does."""
+    from torch.distributed.device_mesh import DeviceMesh
 
+    etp_size = tp_size if etp_size is None else etp_size
     world, rank = dist.get_world_size(), dist.get_rank()
-    mesh = init_device_mesh(device.type, (pp_size, world // (pp_size * ep_size), ep_size),
-                            mesh_dim_names=("pp", "expert_dp", "ep"))
-    stage_mesh = mesh["expert_dp", "ep"]  # this rank's stage: where experts are sharded
-    dp_mesh = stage_mesh._flatten("dp")
+    stage = world // pp_size
+    ranks = torch.arange(world)
+    dense = DeviceMesh(device.type, ranks.view(pp_size, stage // tp_size, tp_size), mesh_dim_names=("pp", "dp", "tp"))
+    experts = DeviceMesh(device.type, ranks.view(pp_size, stage // (ep_size * etp_size), ep_size, etp_size),
+                         mesh_dim_names=("pp", "expert_dp", "ep", "etp"))
+    dense_stage = dense["dp", "tp"]
+    expert_stage = experts["expert_dp", "ep", "etp"]
     return ProcessGroups(
         rank=rank,
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         device=device,
         backend=backend,
-        mesh=stage_mesh,
-        dp=dp_mesh.get_group(),
-        ep=mesh["ep"].get_group(),
-        expert_dp=mesh["expert_dp"].get_group(),
-        pp=mesh["pp"].get_group() if pp_size > 1 else None,
-        embedding=_embedding_group(mesh.mesh) if pp_size > 1 else None,
+        mesh=expert_stage,
+        dense_mesh=dense_stage,
+        dp=dense["dp"].get_group(),
+        tp=dense["tp"].get_group(),
+        tp_dp=dense_stage._flatten("tp_dp").get_group(),
+        ep=experts["ep"].get_group(),
+        etp=experts["etp"].get_group(),
+        ep_etp=experts["ep", "etp"]._flatten("ep_etp").get_group(),
+        expert_dp=experts["expert_dp"].get_group(),
+        pp=dense["pp"].get_group() if pp_size > 1 else None,
+        embedding=_embedding_group(dense.mesh) if pp_size > 1 else None,
     )
 
 

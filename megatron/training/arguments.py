@@ -46,7 +46,6 @@ NO_OP_FLAGS: list[tuple[str, bool]] = [
     ("--attention-softmax-in-fp32", False),
     ("--cross-entropy-loss-fusion", False),
     ("--moe-permute-fusion", False),
-    ("--sequence-parallel", False),
     ("--overlap-param-gather", False),
     ("--use-dist-ckpt", False),
     ("--auto-detect-ckpt-format", False),
@@ -192,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None)
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
@@ -395,10 +395,12 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         from megatron.core.parallel_state import launch_env
 
         world_size = launch_env().world_size
-    for flag, value in [("--context-parallel-size", args.context_parallel_size),
-                        ("--expert-tensor-parallel-size", args.expert_tensor_parallel_size)]:
-        if value not in (None, 1):
-            raise ArgumentError(f"{flag} > 1 is not supported yet; use 1")
+    if args.context_parallel_size not in (None, 1):
+        raise ArgumentError("--context-parallel-size > 1 is not supported yet; use 1")
+    sequence_parallel = args.sequence_parallel
+    if sequence_parallel and args.tensor_model_parallel_size == 1:
+        warnings.warn("--sequence-parallel has no effect with --tensor-model-parallel-size 1; disabling it")
+        sequence_parallel = False
     if not args.accumulate_allreduce_grads_in_fp32:
         raise ArgumentError("--accumulate-allreduce-grads-in-fp32 cannot be turned off: gradients always "
                             "accumulate and are reduced in fp32")
@@ -425,6 +427,8 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
         world_size=world_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
+        sequence_parallel=sequence_parallel,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,

@@ -66,7 +66,7 @@ def build_model(cfg: Config, groups: ProcessGroups) -> GPTModel:
     ks = layout.virtual_stages(groups.pp_rank)
     chunks = [list(layout.layers(k)) for k in ks]
     with torch.device(groups.device):
-        return GPTModel(cfg.model, ep_group=groups.ep, dp_group=groups.dp,
+        return GPTModel(cfg.model, groups, cfg.parallel.sequence_parallel,
                         recompute=[recompute_plan(cfg, len(c)) if c else RecomputePlan() for c in chunks],
                         chunks=chunks, pre_process=layout.is_first(ks[0]), post_process=layout.is_last(ks[-1]),
                         init_seed=cfg.training.seed)
@@ -161,7 +161,7 @@ class Trainer:
         E = self.cfg.model.moe.num_experts if self.cfg.model.moe else 0
         width = 4 + 2 * E
         packed = torch.zeros(1 + width * len(self.moe_layer_numbers), device=self.groups.device)
-        if self.schedule.has_loss:
+        if self.schedule.has_loss and self.groups.tp_rank == 0:  # the same loss on every TP rank
             packed[0] = lm_loss
         for slot, s in zip(self.local_moe_slots, stats):
             if s is None:
@@ -201,7 +201,9 @@ class Trainer:
         for _ in range(self.cfg.training.eval_iters):
             total += self.schedule.evaluate(_take(batches, self.cfg.num_microbatches, "evaluation data ran out"))
             count += self.cfg.num_microbatches
-        packed = torch.stack([total, torch.tensor(float(count if self.schedule.has_loss else 0), device=total.device)])
+        counted = self.schedule.has_loss and self.groups.tp_rank == 0  # the same loss on every TP rank
+        packed = torch.stack([total if counted else torch.zeros_like(total),
+                              torch.tensor(float(count if counted else 0), device=total.device)])
         if self.groups.world_size > 1:
             dist.all_reduce(packed)
         self.model.train()
@@ -257,8 +259,9 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     trainer = Trainer(cfg, groups)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     print_rank_0(groups.is_main, f"> number of parameters on rank 0: {n_params:,} "
-                 f"(world size {groups.world_size}, pipeline-parallel {groups.pp_size}, data-parallel {groups.dp_size}, "
-                 f"expert-parallel {groups.ep_size})")
+                 f"(world size {groups.world_size}, tensor-parallel {groups.tp_size}, pipeline-parallel {groups.pp_size}, "
+                 f"data-parallel {groups.dp_size}, expert-parallel {groups.ep_size}, "
+                 f"expert-tensor-parallel {groups.etp_size})")
     checkpointing.load_checkpoint(trainer, cfg, groups)
     state = trainer.state
 

@@ -18,6 +18,12 @@ Under pipeline parallelism each stage reduces its own parameters over its data-p
 ranks; the gradient norm sums every stage's share over the pipeline group; and when input and
 output embeddings are tied, the first and last stage's copies of the word embedding get the
 sum of both gradients (the last stage's copy is left out of the norm, counted once).
+
+Under tensor parallelism, replicated parameters that saw only part of the tokens or heads
+(tagged `sequence_parallel`: norms and the router under sequence parallelism, q/k norms) get
+their gradients summed over the tensor-parallel group after the data-parallel reduction (both
+are sums, so the order does not matter); the norm counts each slice of a split parameter once
+and each replicated parameter once (on tensor-parallel rank 0).
 """
 
 from __future__ import annotations
@@ -63,17 +69,22 @@ class DataParallel:
         self.dense = Section(dense, groups.dp, scale, self.shard, bucket, device, dtype)
         self.expert = Section(expert, groups.expert_dp, scale, self.shard, bucket, device, dtype)
         self.sections = [s for s in (self.dense, self.expert) if s.params]
-        # Groups over which each section's local squared norm is summed to a stage's norm
-        # (TP = 1: the data-parallel group spans the stage's ranks), then over the pipeline group.
-        stage_group = groups.dp
+        # Groups over which each section's local squared norm is summed to a stage's norm: the
+        # ranks holding different values (tensor-parallel slices; experts over EP x ETP), and
+        # the data-parallel ranks too when the optimizer shards the buffers. Then over stages.
         self.norm_groups = {
-            id(self.dense): groups.dp if self.shard else None,
-            id(self.expert): stage_group if self.shard else groups.ep,
+            id(self.dense): groups.tp_dp if self.shard else groups.tp,
+            id(self.expert): groups.tp_dp if self.shard else groups.ep_etp,
         }
+        self.tp_partial = [p for p in dense if getattr(p, "sequence_parallel", False)]
+        """Replicated parameters whose gradients are partial sums over the tensor-parallel group."""
         tied = dict(named).get(tied_embedding) if groups.embedding is not None and tied_embedding else None
         self.tied_embedding = tied
         """This stage's copy of the tied word embedding (first or last pipeline stage), else None."""
         self.norm_excluded = [tied] if tied is not None and groups.pp_rank == groups.pp_size - 1 else []
+        if groups.tp_rank > 0:  # replicated over TP: counted on TP rank 0
+            self.norm_excluded += [p for p in dense if not getattr(p, "tensor_model_parallel", False)
+                                   and p is not tied]
         self._started: set = set()
         self._passes: dict = {}
         self._passes_per_step = 1
@@ -130,6 +141,20 @@ class DataParallel:
         for section in self.sections:
             section.finish(self._started)
         self._started = set()
+        self._sum_partial_grads_over_tp()
+
+    def _sum_partial_grads_over_tp(self) -> None:
+        """Sum the gradients of `tp_partial` parameters over the tensor-parallel group (one flat
+        all-reduce; under the distributed optimizer every TP peer owns the same buffer ranges)."""
+        if not self.tp_partial:
+            return
+        views = [self.dense.grad_view(p) for p in self.tp_partial]
+        flat = torch.cat([v.reshape(-1) for v in views])
+        dist.all_reduce(flat, group=self.groups.tp)
+        offset = 0
+        for v in views:
+            v.copy_(flat[offset:offset + v.numel()].view_as(v))
+            offset += v.numel()
 
     # ------------------------------------------------------------------ norms and clipping
     def _owned_grads(self, section: Section) -> list[torch.Tensor]:

@@ -94,7 +94,8 @@ class PipelineSchedule:
         dtype = next(model.parameters()).dtype
         device = groups.device
         # Example inputs and outputs: their shape, dtype, and that activations need gradients.
-        hidden_BSD = torch.empty(micro_batch_size, cfg.seq_length, cfg.hidden_size, dtype=dtype, device=device,
+        S = cfg.seq_length // model.tp.size if model.tp.shards_sequence else cfg.seq_length  # x_BsD between stages
+        hidden_BSD = torch.empty(micro_batch_size, S, cfg.hidden_size, dtype=dtype, device=device,
                                  requires_grad=True)
         tokens_BS = torch.empty(micro_batch_size, cfg.seq_length, dtype=torch.long, device=device)
         stages = [StageModule(model, c, layout.is_first(k), layout.is_last(k)) for c, k in enumerate(ks)]

@@ -69,10 +69,15 @@ def split_qkv(num_query_groups: int) -> Split:
     return split
 
 
-def _param(t: Optional[torch.Tensor], sequence_parallel: bool = False) -> Optional[nn.Parameter]:
+def _param(t: Optional[torch.Tensor], sequence_parallel: bool = False, split: bool = False) -> Optional[nn.Parameter]:
+    """A parameter copy of t. `split`: it is this rank's slice of a larger tensor (tagged
+    `tensor_model_parallel`, as in Megatron-LM, so norms count every slice once); otherwise it is
+    replicated over the group, and `sequence_parallel` tags it for the gradient all-reduce."""
     if t is None:
         return None
     p = nn.Parameter(t.detach().clone())
+    if split:
+        p.tensor_model_parallel = True
     if sequence_parallel:
         p.sequence_parallel = True
     return p
@@ -90,8 +95,8 @@ class ColumnParallelLinear(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _param(weight_oI)
-        self.bias = _param(bias_o)
+        self.weight = _param(weight_oI, split=True)
+        self.bias = _param(bias_o, split=True)
 
     @classmethod
     def from_full(cls, weight_OI: torch.Tensor, bias_O: Optional[torch.Tensor], group,
@@ -119,7 +124,7 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _param(weight_Oi)
+        self.weight = _param(weight_Oi, split=True)
         self.bias = _param(bias_O, sequence_parallel and group_size(group) > 1)
 
     @classmethod
@@ -148,7 +153,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight_vD: torch.Tensor, vocab_start: int, group, sequence_parallel: bool = False):
         super().__init__()
         self.group, self.sequence_parallel = group, sequence_parallel
-        self.weight = _param(weight_vD)
+        self.weight = _param(weight_vD, split=True)
         self.vocab_start, self.vocab_end = vocab_start, vocab_start + weight_vD.shape[0]
 
     @classmethod

@@ -145,6 +145,23 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group, dim: int = SEQUE
     return x if _trivial(group) else _ScatterToSequence.apply(x, group, dim)
 
 
+def gather_replicated(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
+    """Shards x_BsD -> x_BSD whose consumers are replicated over the group (so is their
+    gradient): forward all-gathers, backward keeps this rank's slice of the gradient."""
+    return x if _trivial(group) else _GatherReplicated.apply(x, group, dim)
+
+
+class _GatherReplicated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split_along_dim(grad, ctx.group, ctx.dim), None, None
+
+
 class _ScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group, dim):

@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megatron.core.config import ModelConfig
+from megatron.core.parallel_state import ProcessGroups
+from megatron.core.tensor_parallel.context import TensorParallel
 from megatron.core.transformer import init
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
@@ -81,23 +83,27 @@ def _recompute(fn, modules: list[nn.Module], *args):
 
 
 class TransformerLayer(nn.Module):
-    """x_BSD -> (x_BSD, RouterOutput or None).
+    """x_BSD -> (x_BSD, RouterOutput or None); x_BsD -> x_BsD under sequence parallelism.
 
+    groups: the run's process groups (the MoE layer's dispatcher and router take theirs);
+    tp: how attention and the FFNs split over the tensor-parallel group.
     recompute: None, "selective" (recompute only the attention core in backward) or "moe"
     (only the MoE FFN). Whole-layer recompute is the block's (`RecomputePlan.full_segments`).
     """
 
-    def __init__(self, config: ModelConfig, layer_number: int, ep_group=None, dp_group=None,
-                 recompute: Optional[str] = None):
+    def __init__(self, config: ModelConfig, layer_number: int, groups: Optional[ProcessGroups] = None,
+                 tp: TensorParallel = TensorParallel(), recompute: Optional[str] = None):
         super().__init__()
+        groups = groups or ProcessGroups()
         self.layer_number = layer_number
         self.is_moe = config.moe is not None and config.moe.is_moe_layer(layer_number)
         self.recompute = recompute
         self.hidden_dropout = config.hidden_dropout
         self.input_layernorm = build_norm(config)
-        self.self_attention = SelfAttention(config)
+        self.self_attention = SelfAttention(config, tp)
         self.pre_mlp_layernorm = build_norm(config)
-        self.mlp = MoELayer(config, ep_group, dp_group) if self.is_moe else MLP(config, config.ffn_hidden_size)
+        self.mlp = MoELayer(config, groups, tp) if self.is_moe else MLP(config, config.ffn_hidden_size, tp)
+        tp.tag_replicated([*self.input_layernorm.parameters(), *self.pre_mlp_layernorm.parameters()])
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
@@ -137,6 +143,7 @@ class LayersByIndex(nn.ModuleDict):
 class TransformerBlock(nn.Module):
     """The layer stack and the final norm, possibly only some of both (a pipeline rank's share).
 
+    groups, tp: process groups and tensor-parallel split (see TransformerLayer).
     chunks: the global indices of the layers held, one list per model chunk (one chunk without
         interleaved pipelining; default: every layer). Layers are registered under their global
         index (`layers.7`), so parameter names do not depend on the pipeline layout.
@@ -149,7 +156,8 @@ class TransformerBlock(nn.Module):
     MoE layer run]).
     """
 
-    def __init__(self, config: ModelConfig, ep_group=None, dp_group=None,
+    def __init__(self, config: ModelConfig, groups: Optional[ProcessGroups] = None,
+                 tp: TensorParallel = TensorParallel(),
                  recompute: Optional[RecomputePlan | list[RecomputePlan]] = None,
                  chunks: Optional[list[list[int]]] = None, final_norm: bool = True, init_seed: Optional[int] = None):
         super().__init__()
@@ -160,8 +168,10 @@ class TransformerBlock(nn.Module):
         for chunk, plan in zip(chunks, plans):
             for j, i in enumerate(chunk):
                 with init.seeded(init_seed, i):
-                    self.layers[str(i)] = TransformerLayer(config, i, ep_group, dp_group, plan.per_layer[j])
+                    self.layers[str(i)] = TransformerLayer(config, i, groups, tp, plan.per_layer[j])
         self.final_layernorm = build_norm(config) if final_norm else None
+        if final_norm:
+            tp.tag_replicated(self.final_layernorm.parameters())
         self.chunks = chunks
         self.chunk_segments = [_segments(len(chunk), plan.full_segments) for chunk, plan in zip(chunks, plans)]
 

@@ -7,6 +7,8 @@ The router multiplies each by its coefficient.
 
 import torch
 
+from megatron.core.tensor_parallel import mappings
+
 
 def switch_aux_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, topk: int,
                     num_tokens: int | None = None) -> torch.Tensor:
@@ -24,14 +26,20 @@ def switch_aux_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, t
     return E * torch.sum(f_E * P_E)
 
 
-def sequence_aux_loss(probs_BSE: torch.Tensor, expert_idx_BSK: torch.Tensor) -> torch.Tensor:
-    """The switch loss computed within each sequence and averaged over the B sequences."""
+def sequence_aux_loss(probs_BSE: torch.Tensor, expert_idx_BSK: torch.Tensor, group=None) -> torch.Tensor:
+    """The switch loss computed within each sequence and averaged over the B sequences.
+
+    With `group` (sequence parallelism), probs_BSE and expert_idx_BSK hold this rank's positions
+    of each sequence: counts are summed over the group and the result is this rank's share of
+    the loss (the shares sum to the loss of the whole sequences)."""
     B, S, E = probs_BSE.shape
     K = expert_idx_BSK.shape[-1]
     counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=probs_BSE.device)
     counts_BE.scatter_add_(1, expert_idx_BSK.reshape(B, S * K), torch.ones_like(expert_idx_BSK, dtype=probs_BSE.dtype).reshape(B, S * K))
-    f_BE = counts_BE / (S * K)
-    P_BE = probs_BSE.mean(dim=1)
+    counts_BE = mappings.all_reduce(counts_BE, group)
+    S_whole = S * mappings.group_size(group)
+    f_BE = counts_BE / (S_whole * K)
+    P_BE = probs_BSE.sum(dim=1) / S_whole
     return E * torch.sum(f_BE * P_BE) / B
 
 

@@ -5,6 +5,11 @@
                -> GroupedExperts -> y_ND
                -> dispatcher.combine -> out_TD (probability-weighted sum over K)
                (+ shared expert on every token)
+
+Under tensor parallelism every rank routes its own sequence shard (T = B*s tokens): with
+sequence parallelism that is the layer's input; without it, the layer takes its shard of the
+replicated input and all-gathers the output (Megatron-LM refuses this combination for speed;
+here it runs, with the same numbers). The shared expert is a tensor-parallel dense MLP.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron.core.config import ModelConfig
+from megatron.core.parallel_state import ProcessGroups
+from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.context import TensorParallel
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import GroupedExperts
 from megatron.core.transformer.moe.router import RouterOutput, build_router
@@ -48,29 +55,38 @@ class MoELayer(nn.Module):
     """hidden_BSD -> (output_BSD, RouterOutput). Module names follow Megatron-Core
     (`router`, `experts`, `shared_experts`) so state-dict keys line up with its checkpoints.
 
-    `ep_group` is handed to the dispatcher only; `dp_group` to the router (global aux loss).
+    The dispatcher takes the expert groups (`groups.ep`, `groups.etp`); the router the
+    tensor-parallel group whose ranks hold shards of the same sequences, and the stage's ranks
+    for the global aux loss.
     """
 
-    def __init__(self, config: ModelConfig, ep_group: Optional[dist.ProcessGroup] = None,
-                 dp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, config: ModelConfig, groups: Optional[ProcessGroups] = None,
+                 tp: TensorParallel = TensorParallel()):
         super().__init__()
+        groups = groups or ProcessGroups()
         moe = config.moe
-        self.router = build_router(config, dp_group)
-        self.dispatcher = build_dispatcher(moe, ep_group)
+        self.tp = tp
+        self.router = build_router(config, groups.tp_dp if tp.enabled else groups.dp, tp.group)
+        tp.tag_replicated(self.router.parameters(), partial_grads=True)  # it sees this rank's tokens only
+        self.dispatcher = build_dispatcher(moe, groups.ep)
         self.experts = GroupedExperts(config, self.dispatcher.num_local_experts, self.dispatcher.local_expert_offset)
         self.shared_experts = (
-            MLP(config, moe.shared_expert_ffn_hidden_size) if moe.shared_expert_ffn_hidden_size else None
+            MLP(config, moe.shared_expert_ffn_hidden_size, tp) if moe.shared_expert_ffn_hidden_size else None
         )
 
     def forward(self, hidden_BSD: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
-        B, S, D = hidden_BSD.shape
-        hidden_TD = hidden_BSD.reshape(B * S, D)
-        routing = self.router(hidden_TD, seq_length=S)
+        own_shard = self.tp.enabled and not self.tp.shards_sequence
+        hidden_BsD = self.tp.scatter_sequence(hidden_BSD) if own_shard else hidden_BSD
+        B, s, D = hidden_BsD.shape
+        hidden_TD = hidden_BsD.reshape(B * s, D)
+        routing = self.router(hidden_TD, seq_length=s)
         x_ND, tokens_per_expert_L, state = self.dispatcher.dispatch(hidden_TD, routing)
         y_ND = self.experts(x_ND, tokens_per_expert_L)
         out_TD = self.dispatcher.combine(y_ND, state)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(hidden_TD)
         if routing.aux_loss.requires_grad:
             out_TD = AuxLossGradient.apply(out_TD, routing.aux_loss, self.router.aux_loss_grad_scale)
-        return out_TD.view(B, S, D).to(hidden_BSD.dtype), routing
+        out_BsD = out_TD.view(B, s, D).to(hidden_BSD.dtype)
+        out_BSD = mappings.gather_replicated(out_BsD, self.tp.group) if own_shard else out_BsD
+        if self.shared_experts is not None:
+            out_BSD = out_BSD + self.shared_experts(hidden_BSD)
+        return out_BSD, routing

@@ -25,6 +25,14 @@ the forwards (a pipeline schedule returns no side outputs).
 
 The router computes in fp32 whatever the parameters' dtype: routing decisions are discrete and
 sensitive to rounding, and its matmul is tiny.
+
+Under tensor parallelism each rank routes its own shard of every sequence (`token_group`, the
+T ranks holding the shards of the same micro-batches). The numbers then equal one process's:
+the balancing losses use expert counts summed over the group and each rank's loss is its share
+(the shares, and their gradients through the router weight, sum to the whole); the z-loss is
+the shard's mean divided by T; capacity is decided over the whole micro-batch (each rank
+gathers the group's choices, which are small) and each rank keeps its shard of the mask. Every
+count in `RouterStats` is this rank's share, so sums over ranks are the totals.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.config import ModelConfig, MoEConfig
+from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer import init
 from megatron.core.transformer.moe import load_balancing
 
@@ -166,17 +175,21 @@ class Router(nn.Module):
 class TopKRouter(Router):
     """Top-k routing with softmax or sigmoid scores (Megatron-Core semantics, module docstring).
 
-    `dp_group` is used only by `global_aux_loss`, to sum expert counts over the data-parallel
-    ranks; it is None in a single process. `global_aux_loss` balances the running average of
+    `dp_group` is used only by `global_aux_loss`, to sum expert counts over the ranks that hold
+    different tokens of the step (data-parallel, times tensor-parallel when T > 1); None in a
+    single process. `token_group`: the tensor-parallel group (None without TP). `global_aux_loss` balances the running average of
     the step's global counts over its micro-batches so far, kept in two buffers that
     `start_step` clears (and that a recomputed forward does not advance: see `recomputing`).
     """
 
-    def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
+                 token_group: Optional[dist.ProcessGroup] = None):
         super().__init__()
         moe: MoEConfig = config.moe
         self.moe = moe
         self.dp_group = dp_group
+        self.token_group = token_group
+        self.token_shards = mappings.group_size(token_group)
         self.weight = nn.Parameter(init.normal_(torch.empty(moe.num_experts, config.hidden_size), init.init_std(config)))
         # Megatron-Core gives the router a bias whenever linear layers have biases, drawn like the weight.
         self.bias = (nn.Parameter(init.normal_(torch.empty(moe.num_experts), init.init_std(config)))
@@ -201,17 +214,17 @@ class TopKRouter(Router):
         routed_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts).float()
         tokens_per_expert_E = routed_E
         if moe.capacity_factor is not None:
-            capacity = expert_capacity(T, moe.num_experts, K, moe.capacity_factor)
-            keep_TK = capacity_keep_mask(probs_TK, expert_idx_TK, moe.num_experts, capacity, moe.token_drop_policy)
+            keep_TK, capacity = self.capacity_mask(probs_TK, expert_idx_TK, seq_length)
             probs_TK = probs_TK * keep_TK
             if moe.pad_to_capacity:
-                routed_E = torch.full_like(routed_E, float(min(capacity, T)))
+                whole_T = T * self.token_shards
+                routed_E = torch.full_like(routed_E, min(capacity, whole_T) / self.token_shards)
             else:
                 routed_E = torch.bincount(expert_idx_TK[keep_TK], minlength=moe.num_experts).float()
 
         with_losses = self.training and torch.is_grad_enabled()
         lb_raw = self.load_balancing_loss(logits_TE, seq_length) if with_losses else logits_TE.new_zeros(())
-        z_raw = (load_balancing.z_loss(logits_TE) if with_losses and moe.z_loss_coeff is not None
+        z_raw = (load_balancing.z_loss(logits_TE) / self.token_shards if with_losses and moe.z_loss_coeff is not None
                  else logits_TE.new_zeros(()))
         aux_loss = lb_raw * moe.aux_loss_coeff + z_raw * (moe.z_loss_coeff or 0.0)
         stats = RouterStats(
@@ -225,6 +238,23 @@ class TopKRouter(Router):
         if with_losses:
             self.record(stats)
         return RouterOutput(probs_TK, expert_idx_TK, keep_TK, capacity, aux_loss, stats)
+
+    def capacity_mask(self, probs_TK: torch.Tensor, expert_idx_TK: torch.Tensor, seq_length: int
+                      ) -> tuple[torch.Tensor, int]:
+        """keep_TK and the capacity, decided over the whole micro-batch: under tensor parallelism
+        the group's choices are gathered in (batch, position) order, the mask is computed on all
+        of them, and this rank keeps its positions."""
+        moe, (T, K) = self.moe, expert_idx_TK.shape
+        group, n = self.token_group, self.token_shards
+        if n > 1:
+            B = T // seq_length
+            gather = lambda t: mappings.all_gather(t.view(B, seq_length, K), group, 1).reshape(-1, K)  # noqa: E731
+            probs_TK, expert_idx_TK = gather(probs_TK.detach()), gather(expert_idx_TK)
+        capacity = expert_capacity(T * n, moe.num_experts, K, moe.capacity_factor)
+        keep_TK = capacity_keep_mask(probs_TK.detach(), expert_idx_TK, moe.num_experts, capacity, moe.token_drop_policy)
+        if n > 1:
+            keep_TK = mappings.split_along_dim(keep_TK.view(B, n * seq_length, K), group, 1).reshape(T, K)
+        return keep_TK, capacity
 
     def jitter(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Multiply by uniform noise in [1-eps, 1+eps] while training (Switch Transformer)."""
@@ -265,11 +295,13 @@ class TopKRouter(Router):
             T, E = scores_TE.shape
             B = T // seq_length
             return load_balancing.sequence_aux_loss(
-                scores_TE.view(B, seq_length, E), expert_idx_TK.view(B, seq_length, -1))
+                scores_TE.view(B, seq_length, E), expert_idx_TK.view(B, seq_length, -1), self.token_group)
         counts_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts).float()
         num_tokens = scores_TE.shape[0]
         if kind == "global_aux_loss":
             counts_E, num_tokens = self.step_average_global_counts(counts_E, num_tokens)
+        elif self.token_shards > 1:  # the micro-batch's counts; this rank's share of the loss
+            counts_E, num_tokens = mappings.all_reduce(counts_E, self.token_group), num_tokens * self.token_shards
         return load_balancing.switch_aux_loss(scores_TE, counts_E, moe.router_topk, num_tokens)
 
     def step_average_global_counts(self, counts_E: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, int]:
@@ -298,6 +330,7 @@ class TopKRouter(Router):
         self.expert_bias += self.moe.bias_update_rate * torch.sign(c.mean() - c)
 
 
-def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None) -> Router:
+def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
+                 token_group: Optional[dist.ProcessGroup] = None) -> Router:
     """The routing strategy for `config` (only top-k for now)."""
-    return TopKRouter(config, dp_group)
+    return TopKRouter(config, dp_group, token_group)
