@@ -21,6 +21,7 @@ from megatron.core.fusions.linear_cross_entropy import linear_cross_entropy
 from megatron.core.parallel_state import ProcessGroups
 from megatron.core.tensor_parallel import mappings, vocab_parallel_cross_entropy_loss
 from megatron.core.tensor_parallel.context import TensorParallel
+from megatron.core.tensor_parallel.random import TensorParallelRNG
 from megatron.core.transformer import init
 from megatron.core.transformer.layer import RecomputePlan, TransformerBlock
 from megatron.core.transformer.moe.router import RouterOutput
@@ -53,7 +54,8 @@ class LanguageModelEmbedding(nn.Module):
         x_BSD = self.word_embeddings(tokens_BS)
         if self.position_embeddings is not None:
             x_BSD = x_BSD + self.position_embeddings(self.tp.sequence_shard(position_ids_BS))
-        return self.dropout(x_BSD)
+        with self.tp.dropout_rng(sharded=self.tp.shards_sequence):
+            return self.dropout(x_BSD)
 
 
 class TiedOutputEmbedding(nn.Module):
@@ -103,7 +105,8 @@ class GPTModel(nn.Module):
         super().__init__()
         groups = groups or ProcessGroups()
         self.config = config
-        self.tp = tp = TensorParallel(groups.tp, sequence_parallel)
+        rng = TensorParallelRNG(init_seed or 0, groups.tp_rank, torch.get_default_device()) if groups.tp_size > 1 else None
+        self.tp = tp = TensorParallel(groups.tp, sequence_parallel, rng)
         self.embedding = None
         if pre_process:
             with init.seeded(init_seed, -1):

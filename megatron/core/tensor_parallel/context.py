@@ -18,6 +18,7 @@ are summed over the group (`all_reduce_sequence_parallel_grads`).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron.core.tensor_parallel import mappings
+from megatron.core.tensor_parallel.random import TensorParallelRNG
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -41,6 +43,8 @@ class TensorParallel:
 
     group: Optional[dist.ProcessGroup] = None
     sequence_parallel: bool = False
+    rng: Optional[TensorParallelRNG] = None
+    """The per-rank dropout stream of regions where ranks hold different data (T > 1)."""
 
     @property
     def size(self) -> int:
@@ -58,6 +62,13 @@ class TensorParallel:
     def shards_sequence(self) -> bool:
         """Whether activations between regions are sequence shards x_BsD."""
         return self.sequence_parallel and self.enabled
+
+    def dropout_rng(self, sharded: bool = True):
+        """Context for dropout on activations that differ across the group (`sharded`): the
+        tensor-parallel stream; on replicated activations, or without TP, the default one."""
+        if sharded and self.enabled and self.rng is not None:
+            return self.rng.fork()
+        return contextlib.nullcontext()
 
     def column(self, linear: nn.Linear, split: Split = split_rows) -> nn.Module:
         """A whole nn.Linear (D -> O) as this rank's column-parallel slice (D -> O / T)."""

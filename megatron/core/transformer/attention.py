@@ -36,6 +36,7 @@ class SelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()):
         super().__init__()
         H, G = config.num_attention_heads, config.num_query_groups
+        self.tp = tp
         self.num_heads, self.num_groups = H // tp.size, G // tp.size
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
@@ -67,9 +68,10 @@ class SelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out_BHSd = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_groups != self.num_heads,
-        )
+        with self.tp.dropout_rng():  # this rank's heads: its own dropout stream
+            out_BHSd = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.num_groups != self.num_heads,
+            )
         out_BSX = out_BHSd.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim)
         return self.linear_proj(out_BSX)

@@ -10,7 +10,6 @@ attention core (`selective`) or only the MoE FFN (`--moe-layer-recompute`).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from megatron.core.config import ModelConfig
 from megatron.core.parallel_state import ProcessGroups
 from megatron.core.tensor_parallel.context import TensorParallel
+from megatron.core.tensor_parallel.random import RecomputeRNG, TensorParallelRNG
 from megatron.core.transformer import init
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.mlp import MLP
@@ -76,10 +76,32 @@ class _RoutersRecomputing:
         return False
 
 
-def _recompute(fn, modules: list[nn.Module], *args):
-    """fn(*args), keeping only its inputs; re-run in backward with the routers of `modules` told so."""
-    return checkpoint(fn, *args, use_reentrant=False,
-                      context_fn=lambda: (contextlib.nullcontext(), _RoutersRecomputing(modules)))
+def _recompute(fn, modules: list[nn.Module], rng: Optional[TensorParallelRNG], *args):
+    """fn(*args), keeping only its inputs; re-run in backward with the routers of `modules` told
+    so, and the tensor-parallel dropout stream replayed from where the forward found it."""
+    def contexts():
+        replay = RecomputeRNG(rng)
+        return replay.forward_context(), _Recomputing(replay, modules)
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=contexts)
+
+
+class _Recomputing:
+    """The recompute context: replays the dropout stream and tells the routers (both re-entrant)."""
+
+    def __init__(self, replay: RecomputeRNG, modules: list[nn.Module]):
+        self.replay = replay.recompute_context()
+        self.routers = _RoutersRecomputing(modules)
+
+    def __enter__(self):
+        self.replay.__enter__()
+        self.routers.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.routers.__exit__(*exc)
+        self.replay.__exit__(*exc)
+        return False
 
 
 class TransformerLayer(nn.Module):
@@ -99,6 +121,7 @@ class TransformerLayer(nn.Module):
         self.is_moe = config.moe is not None and config.moe.is_moe_layer(layer_number)
         self.recompute = recompute
         self.hidden_dropout = config.hidden_dropout
+        self.tp = tp
         self.input_layernorm = build_norm(config)
         self.self_attention = SelfAttention(config, tp)
         self.pre_mlp_layernorm = build_norm(config)
@@ -106,7 +129,10 @@ class TransformerLayer(nn.Module):
         tp.tag_replicated([*self.input_layernorm.parameters(), *self.pre_mlp_layernorm.parameters()])
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.hidden_dropout, self.training) if self.hidden_dropout else x
+        if not self.hidden_dropout:
+            return x
+        with self.tp.dropout_rng(sharded=self.tp.shards_sequence):
+            return F.dropout(x, self.hidden_dropout, self.training)
 
     def _attention(self, x_BSD, rope):
         return self._dropout(self.self_attention(self.input_layernorm(x_BSD), rope))
@@ -118,11 +144,11 @@ class TransformerLayer(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rope=None) -> tuple[torch.Tensor, Optional[RouterOutput]]:
         if self.recompute == "selective":
-            x_BSD = x_BSD + _recompute(self._attention, [], x_BSD, rope)
+            x_BSD = x_BSD + _recompute(self._attention, [], self.tp.rng, x_BSD, rope)
         else:
             x_BSD = x_BSD + self._attention(x_BSD, rope)
         if self.recompute == "moe" and self.is_moe:
-            out, routing = _recompute(self._ffn, [self.mlp], x_BSD)
+            out, routing = _recompute(self._ffn, [self.mlp], self.tp.rng, x_BSD)
         else:
             out, routing = self._ffn(x_BSD)
         return x_BSD + out, routing
@@ -173,6 +199,7 @@ class TransformerBlock(nn.Module):
         if final_norm:
             tp.tag_replicated(self.final_layernorm.parameters())
         self.chunks = chunks
+        self.tp = tp
         self.chunk_segments = [_segments(len(chunk), plan.full_segments) for chunk, plan in zip(chunks, plans)]
 
     def _run(self, layers: list[nn.Module], x_BSD: torch.Tensor, rope) -> tuple[torch.Tensor, list[RouterOutput]]:
@@ -189,7 +216,7 @@ class TransformerBlock(nn.Module):
         routings = []
         for start, end, full in self.chunk_segments[chunk]:
             if full and self.training:
-                x_BSD, more = _recompute(self._run, layers[start:end], layers[start:end], x_BSD, rope)
+                x_BSD, more = _recompute(self._run, layers[start:end], self.tp.rng, layers[start:end], x_BSD, rope)
             else:
                 x_BSD, more = self._run(layers[start:end], x_BSD, rope)
             routings += more
