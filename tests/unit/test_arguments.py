@@ -154,3 +154,42 @@ def test_shared_expert_with_linear_biases_is_refused_as_in_megatron():
     with_biases = TINY_FLAGS.replace("--disable-bias-linear ", "")
     with pytest.raises(ValueError, match="--moe-shared-expert-intermediate-size needs --disable-bias-linear"):
         make_config("--moe-shared-expert-intermediate-size 16", base=with_biases)
+
+
+TENSOR_PARALLEL_BAD_INPUTS = [  # (world size, flags, words the one-line error must contain)
+    (3, "--tensor-model-parallel-size 3", ["--tensor-model-parallel-size (3)", "--num-attention-heads (4)"]),
+    (4, "--tensor-model-parallel-size 4", ["--tensor-model-parallel-size (4)", "--num-query-groups (2)"]),
+    (2, "--tensor-model-parallel-size 2 --ffn-hidden-size 63 --moe-layer-freq [0,1]",
+     ["--tensor-model-parallel-size (2)", "--ffn-hidden-size (63)"]),
+    (4, "--expert-tensor-parallel-size 4 --moe-ffn-hidden-size 30",
+     ["--expert-tensor-parallel-size (4)", "--moe-ffn-hidden-size (30)"]),
+    (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 4 --expert-tensor-parallel-size 2",
+     ["world size (4)", "--expert-model-parallel-size (4)", "--expert-tensor-parallel-size (2)"]),
+    (2, "--tensor-model-parallel-size 2 --sequence-parallel --seq-length 15",
+     ["--sequence-parallel", "--seq-length (15)"]),
+    (2, "--tensor-model-parallel-size 2 --moe-shared-expert-intermediate-size 33",
+     ["--moe-shared-expert-intermediate-size (33)"]),
+]
+
+
+@pytest.mark.parametrize("world,extra,words", TENSOR_PARALLEL_BAD_INPUTS)
+def test_tensor_parallel_bad_input(world, extra, words, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    code = pretrain_gpt.main(TINY_FLAGS.split() + extra.split())
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def test_sequence_parallel_without_tensor_parallel_warns_and_is_off():
+    with pytest.warns(UserWarning, match="--sequence-parallel has no effect"):
+        cfg = make_config("--sequence-parallel")
+    assert not cfg.parallel.sequence_parallel
+
+
+def test_expert_tensor_parallel_defaults_to_tensor_parallel():
+    cfg = make_config("--tensor-model-parallel-size 2", world_size=2)
+    assert cfg.parallel.expert_tensor_parallel_size is None and cfg.parallel.expert_tensor_size == 2
+    assert make_config("--tensor-model-parallel-size 2 --expert-tensor-parallel-size 1",
+                       world_size=2).parallel.expert_tensor_size == 1
