@@ -63,6 +63,18 @@ def train_steps(cfg: Config, groups, steps: int, expert_bias=None, keep_grads: b
                 expert_offset=offset, rank=groups.rank)
 
 
+def assert_same_curves(res: dict, ref: dict, name: str, rtol: float = 1e-5) -> None:
+    """A parallel run's losses and gradient norms within `rtol` of the single process's, and its
+    per-layer expert loads equal."""
+    for a, b in zip(res["losses"], ref["losses"]):
+        assert abs(a - b) / abs(b) < rtol, (name, res["losses"], ref["losses"])
+    for a, b in zip(res["norms"], ref["norms"]):
+        assert abs(a - b) / abs(b) < rtol, (name, res["norms"], ref["norms"])
+    for a, b in zip(res["loads"], ref["loads"]):
+        for la, lb in zip(a, b):
+            torch.testing.assert_close(la, lb)
+
+
 def load_tool(name: str):
     """Import tools/<name>.py as a module (tools are scripts, not a package)."""
     import importlib.util

@@ -18,7 +18,7 @@ import torch
 from megatron.core.optimizer import is_expert_param
 from megatron.core.parallel_state import ProcessGroups, groups_from_mesh
 from tests.distributed.harness import run_scenarios
-from tests.helpers import make_config, rel_diff, train_steps
+from tests.helpers import assert_same_curves, make_config, rel_diff, train_steps
 
 BASE = ("--num-layers 4 --global-batch-size 8 --micro-batch-size 2 --num-experts 4 --moe-router-topk 2 "
         "--moe-z-loss-coeff 1e-3 --clip-grad 0.05")
@@ -83,13 +83,7 @@ def test_pipeline_equals_single_process(scenario, pipeline_results):
     ranks = pipeline_results[name]
     held = set()
     for res in ranks:
-        for a, b in zip(res["losses"], ref["losses"]):
-            assert abs(a - b) / abs(b) < 1e-5, (name, res["losses"], ref["losses"])
-        for a, b in zip(res["norms"], ref["norms"]):
-            assert abs(a - b) / abs(b) < 1e-5, (name, res["norms"], ref["norms"])
-        for a, b in zip(res["loads"], ref["loads"]):
-            for la, lb in zip(a, b):
-                torch.testing.assert_close(la, lb)
+        assert_same_curves(res, ref, name)
         for n, p in res["params"].items():
             expected = ref["params"][n]
             if is_expert_param(n):

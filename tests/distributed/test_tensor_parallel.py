@@ -22,15 +22,14 @@ from megatron.core.optimizer import is_expert_param
 from megatron.core.parallel_state import ProcessGroups, groups_from_mesh
 from megatron.core.tensor_parallel.sharding import tensor_split
 from tests.distributed.harness import run_scenarios
-from tests.helpers import TINY_FLAGS, make_config, rel_diff, train_steps
+from tests.helpers import assert_same_curves, TINY_FLAGS, make_config, rel_diff, train_steps
 
 MOE_FLAGS = "--num-experts 4 --moe-router-topk 2 --moe-aux-loss-coeff 1e-2"
 DENSE = TINY_FLAGS.replace(MOE_FLAGS, "") + " --global-batch-size 8 --clip-grad 0.05"
 MOE = TINY_FLAGS + " --global-batch-size 8 --moe-z-loss-coeff 1e-3 --clip-grad 0.05"
 STEPS = 3
-SIZES = re.compile(r"--(tensor-model-parallel-size|pipeline-model-parallel-size|expert-model-parallel-size|"
-                   r"expert-tensor-parallel-size) (\d+)")
-PARALLEL_FLAGS = re.compile(SIZES.pattern + r"|--sequence-parallel|--use-distributed-optimizer")
+PARALLEL_FLAGS = re.compile(r"--(tensor-model-parallel-size|pipeline-model-parallel-size|expert-model-parallel-size|"
+                            r"expert-tensor-parallel-size) \d+|--sequence-parallel|--use-distributed-optimizer")
 
 # (name, world size, base flags, extra flags)
 SCENARIOS = [
@@ -58,10 +57,6 @@ SCENARIOS = [
     ("tp2xdp2-distopt-overlap", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
      "--expert-tensor-parallel-size 1 --use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 2000"),
 ]
-
-
-def _sizes(extra: str) -> dict[str, int]:
-    return {flag: int(value) for flag, value in SIZES.findall(extra)}
 
 
 def _worker(rank: int, world: int, scenarios: list) -> list:
@@ -103,13 +98,7 @@ def test_tensor_parallel_equals_single_process(scenario, results):
     ref = train_steps(cfg, ProcessGroups(), STEPS)
     held = set()
     for res in results[name]:
-        for a, b in zip(res["losses"], ref["losses"]):
-            assert abs(a - b) / abs(b) < 1e-5, (name, res["losses"], ref["losses"])
-        for a, b in zip(res["norms"], ref["norms"]):
-            assert abs(a - b) / abs(b) < 1e-5, (name, res["norms"], ref["norms"])
-        for a, b in zip(res["loads"], ref["loads"]):
-            for la, lb in zip(a, b):
-                torch.testing.assert_close(la, lb)
+        assert_same_curves(res, ref, name)
         for n, p in res["params"].items():
             expected = expected_slice(n, ref["params"][n], res, cfg.model.swiglu)[:p.shape[0]] \
                 if is_expert_param(n) else expected_slice(n, ref["params"][n], res, cfg.model.swiglu)

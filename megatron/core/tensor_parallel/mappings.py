@@ -99,14 +99,19 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 
 class _GatherFromSequence(torch.autograd.Function):
+    """All-gather; backward reduce-scatters the gradient, or keeps this rank's slice of it when
+    the gradient is the same on every rank (`grad_replicated`)."""
+
     @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
+    def forward(ctx, x, group, dim, grad_replicated=False):
+        ctx.group, ctx.dim, ctx.grad_replicated = group, dim, grad_replicated
         return all_gather(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return reduce_scatter(grad, ctx.group, ctx.dim), None, None
+        if ctx.grad_replicated:
+            return split_along_dim(grad, ctx.group, ctx.dim), None, None, None
+        return reduce_scatter(grad, ctx.group, ctx.dim), None, None, None
 
 
 class _ReduceScatterToSequence(torch.autograd.Function):
@@ -148,18 +153,7 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group, dim: int = SEQUE
 def gather_replicated(x: torch.Tensor, group, dim: int = SEQUENCE_DIM) -> torch.Tensor:
     """Shards x_BsD -> x_BSD whose consumers are replicated over the group (so is their
     gradient): forward all-gathers, backward keeps this rank's slice of the gradient."""
-    return x if _trivial(group) else _GatherReplicated.apply(x, group, dim)
-
-
-class _GatherReplicated(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, dim):
-        ctx.group, ctx.dim = group, dim
-        return all_gather(x, group, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_along_dim(grad, ctx.group, ctx.dim), None, None
+    return x if _trivial(group) else _GatherFromSequence.apply(x, group, dim, True)
 
 
 class _ScatterToSequence(torch.autograd.Function):
