@@ -2,6 +2,8 @@
 
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 8 --gpus-per-node 8
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 4 --pipeline-model-parallel-size 4
+    python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 2 --pipeline-model-parallel-size 2 \
+        --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --fit 76      # smallest world that fits
     python tools/estimate.py --config configs/tiny_moe.yaml --gpus-per-node 4 --expert-model-parallel-size 4 \
         --tflops 0.05 --intra-node-gbps 8 --alpha-us 200          # a CPU/gloo-sized "device"
@@ -9,24 +11,38 @@
 Any training flag can follow (they override the config), the pipeline ones included
 (`--pipeline-model-parallel-size`, `--virtual-pipeline-model-parallel-size`, ...). The model:
 
-* layout: ranks ordered tp-cp-ep-dp-pp (TP = CP = 1), so P pipeline stages are outermost,
-  DP = world / P, experts split over EP inside a stage, EDP = DP / EP. Stage r holds the layers
-  of `pipeline_layout(L).rank_layers(r)`; the embedding lives on the first stage, the output
-  layer on the last; with tied embeddings and P > 1 the last stage keeps its own copy of the
-  V x D word embedding (weights, gradients and optimizer state). Norms, biases and a learned
-  position table are not counted.
+* layout: ranks ordered tp-cp-ep-dp-pp (CP = 1), so P pipeline stages are outermost and a stage's
+  world / P ranks split as DP x T for attention and dense layers and as EDP x EP x ETP for the
+  experts ("MoE parallel folding"; ETP = --expert-tensor-parallel-size, default T). Stage r holds
+  the layers of `pipeline_layout(L).rank_layers(r)`; the embedding lives on the first stage, the
+  output layer on the last; with tied embeddings and P > 1 the last stage keeps its own copy of
+  the V x D word embedding (weights, gradients and optimizer state). Attention, dense FFNs,
+  shared experts and the embedding / output vocabulary rows divide by T; the router is
+  replicated; experts divide by EP x ETP. Norms, biases and a learned position table are not
+  counted.
 * bytes per parameter (weights + gradients + optimizer):
   fp32: 4 + 4 + 8 (AdamW moments) = 16;
   --bf16 / --fp16: 2 (half weights) + 4 (fp32 main_grad) + 12 (fp32 main weights + 2 moments) = 18;
   --use-distributed-optimizer divides the optimizer part by DP (dense) or EDP (experts).
 * compute: per stage, 6 x its active parameters (+ the output layer on the last stage) plus
-  12 S D per layer of attention, times the tokens of one data-parallel rank, / achieved TFLOP/s;
+  12 S D per layer of attention, times the tokens of one data-parallel rank, / T, / achieved
+  TFLOP/s (TP's smaller GEMMs running slower is not modelled);
   the slowest stage sets the pace. For P = 1 this is training FLOPs per token x tokens per GPU.
   Recompute adds the forward FLOPs it re-runs to the time (not to MFU's model FLOPs);
 * all-to-all (alltoall dispatcher): per MoE layer and micro-batch, each rank sends and receives
-  T*K*D*b*(EP-1)/EP bytes for dispatch and again for combine, and the backward pass repeats
+  (T/TP)*K*D*b*(EP-1)/EP bytes (each TP rank routes its shard of the sequence) for dispatch and again for combine, and the backward pass repeats
   both: 4 exchanges (6 where recompute re-runs the layer's forward). Time = bytes / bandwidth + alpha * (EP - 1) per exchange, with the
-  inter-node bandwidth once the EP group spans nodes;
+  inter-node bandwidth once the EP group (EP x ETP consecutive ranks) spans nodes;
+* tensor-parallel collectives (`layer_tp_collectives`, `ends_tp_collectives`): per layer and
+  micro-batch, without SP 2 all-reduces forward (attention and FFN outputs) and 2 backward
+  (their input gradients) of X = T D b; with SP an all-gather + reduce-scatter pair per region
+  and direction, the same bytes. An MoE layer routes each rank's shard: without SP it
+  all-gathers its output (and input gradient), with SP nothing; a shared expert is one more
+  region; ETP > 1 all-gathers / reduce-scatters the routed rows over ETP. Embedding, output
+  layer and the vocab-parallel loss (3 fp32 per token all-reduced) add per micro-batch. Each
+  rank sends 2 (n-1)/n of an all-reduced tensor, (n-1)/n of a gathered output or a
+  reduce-scattered input (ring); time = bytes / intra-node bandwidth + alpha per ring step, on
+  the critical path like the all-to-all;
 * pipeline bubble: idle fraction (P-1) / (V*m + P-1) for m micro-batches per step and V model
   chunks per rank (V = 1: plain 1F1B, (P-1)/(m+P-1)). The work of the slowest stage (compute
   and all-to-all, both per micro-batch on the critical path) is divided by (1 - bubble);
@@ -34,23 +50,29 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   neighbour stage (inter-node once a stage spans a node or more), added to the step;
 * gradient reduction: ring all-reduce (or reduce-scatter + all-gather) of 2 * (n-1)/n of the
   fp32 gradient bytes over the data-parallel groups, assumed overlapped unless --no-overlap;
-* activations (b = 2 bytes with --bf16/--fp16, else 4), per layer and micro-batch of T tokens:
-  34 T D b/2 (Korthikanti et al., attention and norms; in an MoE layer its dense-MLP share
-  stands in for the router, permutation and all-to-all buffers) plus, in an MoE layer, the
-  expert FFN inputs kept for backward: K T (D + 3 F_e) b with SwiGLU (fc1 input, fc1 output
-  2 F_e, activation output F_e), K T (D + 2 F_e) b without, and the same for a shared expert
-  with K = 1. `--recompute-granularity full` keeps only the input (T D b) of each recomputed
-  run of layers plus one run's activations while it is recomputed; `--moe-layer-recompute`
-  drops the expert term. Selective recompute is not modelled (attention uses SDPA, whose
-  S x S scores are never stored, so there is little left to save).
+* activations (b = 2 bytes with --bf16/--fp16, else 4), per layer and micro-batch of T tokens and
+  per rank, from this code's layer (`layer_activation_parts`, checked by
+  benchmarks/tensor_parallel.py): outside the TP region the two norm inputs (T D b each) and,
+  with --hidden-dropout > 0, two 1-byte masks, divided by T only with SP; the column-parallel
+  layers' inputs (QKV, dense fc1, shared-expert fc1: T D b each), whole on every rank, also
+  with SP (the all-gathered copy is what the linear keeps; Megatron-LM keeps the shard and
+  gathers again in backward); inside, divided by T: the QKV output, q and k after RoPE, the
+  SDPA output and the projection input (T (4H + 3G) d b with RoPE; flash-style SDPA keeps no
+  S x S scores) and the FFN hidden (SwiGLU 3F, GELU 2F); in an MoE layer the router input and,
+  per routed copy, the expert input, 3F_e (2F_e) and the combine's copy, for the T / TP tokens
+  each rank routes (ETP x the rows at F_e / ETP with ETP > 1). Korthikanti et al.'s
+  34 + 5 a S / D (GELU, stored scores) is not used. `--recompute-granularity full` keeps only
+  the input (T D b, / T with SP) of each recomputed run of layers plus one run's activations
+  while it is recomputed; `--moe-layer-recompute` drops the router and expert term. Selective
+  recompute is not modelled (SDPA stores no S x S scores, so there is little left to save).
 * in-flight micro-batches: stage r of 1F1B holds min(P - r, m) micro-batches of activations of
   all its layers. The interleaved schedule warms up with 2 (P - r - 1) + (V - 1) P chunk-micro-
   batches and then keeps one more in flight, so stage r holds
   min(m V, 2 (P - r - 1) + (V - 1) P + 1) chunk-micro-batches, each 1/V of its layers
   (first stage: about (1 + (P - 1) / (P V)) times 1F1B's).
 * last stage: the fused output layer + cross-entropy keeps its fp32 output-weight gradient
-  (V x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at most
-  2^27 fp32 elements; the [T, V] logits are never materialised.
+  (V / TP x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at
+  most 2^27 / TP fp32 elements; the [T, V] logits are never materialised.
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
 """
