@@ -2,6 +2,8 @@
 
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 8 --gpus-per-node 8
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 4 --pipeline-model-parallel-size 4
+    python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 2 --pipeline-model-parallel-size 2 \
+        --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --fit 76      # smallest world that fits
     python tools/estimate.py --config configs/tiny_moe.yaml --gpus-per-node 4 --expert-model-parallel-size 4 \
         --tflops 0.05 --intra-node-gbps 8 --alpha-us 200          # a CPU/gloo-sized "device"
@@ -9,24 +11,38 @@
 Any training flag can follow (they override the config), the pipeline ones included
 (`--pipeline-model-parallel-size`, `--virtual-pipeline-model-parallel-size`, ...). The model:
 
-* layout: ranks ordered tp-cp-ep-dp-pp (TP = CP = 1), so P pipeline stages are outermost,
-  DP = world / P, experts split over EP inside a stage, EDP = DP / EP. Stage r holds the layers
-  of `pipeline_layout(L).rank_layers(r)`; the embedding lives on the first stage, the output
-  layer on the last; with tied embeddings and P > 1 the last stage keeps its own copy of the
-  V x D word embedding (weights, gradients and optimizer state). Norms, biases and a learned
-  position table are not counted.
+* layout: ranks ordered tp-cp-ep-dp-pp (CP = 1), so P pipeline stages are outermost and a stage's
+  world / P ranks split as DP x T for attention and dense layers and as EDP x EP x ETP for the
+  experts ("MoE parallel folding"; ETP = --expert-tensor-parallel-size, default T). Stage r holds
+  the layers of `pipeline_layout(L).rank_layers(r)`; the embedding lives on the first stage, the
+  output layer on the last; with tied embeddings and P > 1 the last stage keeps its own copy of
+  the V x D word embedding (weights, gradients and optimizer state). Attention, dense FFNs,
+  shared experts and the embedding / output vocabulary rows divide by T; the router is
+  replicated; experts divide by EP x ETP. Norms, biases and a learned position table are not
+  counted.
 * bytes per parameter (weights + gradients + optimizer):
   fp32: 4 + 4 + 8 (AdamW moments) = 16;
   --bf16 / --fp16: 2 (half weights) + 4 (fp32 main_grad) + 12 (fp32 main weights + 2 moments) = 18;
   --use-distributed-optimizer divides the optimizer part by DP (dense) or EDP (experts).
 * compute: per stage, 6 x its active parameters (+ the output layer on the last stage) plus
-  12 S D per layer of attention, times the tokens of one data-parallel rank, / achieved TFLOP/s;
+  12 S D per layer of attention, times the tokens of one data-parallel rank, / T, / achieved
+  TFLOP/s (TP's smaller GEMMs running slower is not modelled);
   the slowest stage sets the pace. For P = 1 this is training FLOPs per token x tokens per GPU.
   Recompute adds the forward FLOPs it re-runs to the time (not to MFU's model FLOPs);
 * all-to-all (alltoall dispatcher): per MoE layer and micro-batch, each rank sends and receives
-  T*K*D*b*(EP-1)/EP bytes for dispatch and again for combine, and the backward pass repeats
+  (T/TP)*K*D*b*(EP-1)/EP bytes (each TP rank routes its shard of the sequence) for dispatch and again for combine, and the backward pass repeats
   both: 4 exchanges (6 where recompute re-runs the layer's forward). Time = bytes / bandwidth + alpha * (EP - 1) per exchange, with the
-  inter-node bandwidth once the EP group spans nodes;
+  inter-node bandwidth once the EP group (EP x ETP consecutive ranks) spans nodes;
+* tensor-parallel collectives (`layer_tp_collectives`, `ends_tp_collectives`): per layer and
+  micro-batch, without SP 2 all-reduces forward (attention and FFN outputs) and 2 backward
+  (their input gradients) of X = T D b; with SP an all-gather + reduce-scatter pair per region
+  and direction, the same bytes. An MoE layer routes each rank's shard: without SP it
+  all-gathers its output (and input gradient), with SP nothing; a shared expert is one more
+  region; ETP > 1 all-gathers / reduce-scatters the routed rows over ETP. Embedding, output
+  layer and the vocab-parallel loss (3 fp32 per token all-reduced) add per micro-batch. Each
+  rank sends 2 (n-1)/n of an all-reduced tensor, (n-1)/n of a gathered output or a
+  reduce-scattered input (ring); time = bytes / intra-node bandwidth + alpha per ring step, on
+  the critical path like the all-to-all;
 * pipeline bubble: idle fraction (P-1) / (V*m + P-1) for m micro-batches per step and V model
   chunks per rank (V = 1: plain 1F1B, (P-1)/(m+P-1)). The work of the slowest stage (compute
   and all-to-all, both per micro-batch on the critical path) is divided by (1 - bubble);
@@ -34,23 +50,29 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   neighbour stage (inter-node once a stage spans a node or more), added to the step;
 * gradient reduction: ring all-reduce (or reduce-scatter + all-gather) of 2 * (n-1)/n of the
   fp32 gradient bytes over the data-parallel groups, assumed overlapped unless --no-overlap;
-* activations (b = 2 bytes with --bf16/--fp16, else 4), per layer and micro-batch of T tokens:
-  34 T D b/2 (Korthikanti et al., attention and norms; in an MoE layer its dense-MLP share
-  stands in for the router, permutation and all-to-all buffers) plus, in an MoE layer, the
-  expert FFN inputs kept for backward: K T (D + 3 F_e) b with SwiGLU (fc1 input, fc1 output
-  2 F_e, activation output F_e), K T (D + 2 F_e) b without, and the same for a shared expert
-  with K = 1. `--recompute-granularity full` keeps only the input (T D b) of each recomputed
-  run of layers plus one run's activations while it is recomputed; `--moe-layer-recompute`
-  drops the expert term. Selective recompute is not modelled (attention uses SDPA, whose
-  S x S scores are never stored, so there is little left to save).
+* activations (b = 2 bytes with --bf16/--fp16, else 4), per layer and micro-batch of T tokens and
+  per rank, from this code's layer (`layer_activation_parts`, checked by
+  benchmarks/tensor_parallel.py): outside the TP region the two norm inputs (T D b each) and,
+  with --hidden-dropout > 0, two 1-byte masks, divided by T only with SP; the column-parallel
+  layers' inputs (QKV, dense fc1, shared-expert fc1: T D b each), whole on every rank, also
+  with SP (the all-gathered copy is what the linear keeps; Megatron-LM keeps the shard and
+  gathers again in backward); inside, divided by T: the QKV output, q and k after RoPE, the
+  SDPA output and the projection input (T (4H + 3G) d b with RoPE; flash-style SDPA keeps no
+  S x S scores) and the FFN hidden (SwiGLU 3F, GELU 2F); in an MoE layer the router input and,
+  per routed copy, the expert input, 3F_e (2F_e) and the combine's copy, for the T / TP tokens
+  each rank routes (ETP x the rows at F_e / ETP with ETP > 1). Korthikanti et al.'s
+  34 + 5 a S / D (GELU, stored scores) is not used. `--recompute-granularity full` keeps only
+  the input (T D b, / T with SP) of each recomputed run of layers plus one run's activations
+  while it is recomputed; `--moe-layer-recompute` drops the router and expert term. Selective
+  recompute is not modelled (SDPA stores no S x S scores, so there is little left to save).
 * in-flight micro-batches: stage r of 1F1B holds min(P - r, m) micro-batches of activations of
   all its layers. The interleaved schedule warms up with 2 (P - r - 1) + (V - 1) P chunk-micro-
   batches and then keeps one more in flight, so stage r holds
   min(m V, 2 (P - r - 1) + (V - 1) P + 1) chunk-micro-batches, each 1/V of its layers
   (first stage: about (1 + (P - 1) / (P V)) times 1F1B's).
 * last stage: the fused output layer + cross-entropy keeps its fp32 output-weight gradient
-  (V x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at most
-  2^27 fp32 elements; the [T, V] logits are never materialised.
+  (V / TP x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at
+  most 2^27 / TP fp32 elements; the [T, V] logits are never materialised.
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
 """
@@ -61,6 +83,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from typing import NamedTuple, Optional
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
@@ -109,16 +132,37 @@ def precision_bytes(training) -> tuple[int, int, int]:
 
 def stage_params(model, layout, r: int) -> tuple[int, int]:
     """(dense, expert) parameters of pipeline stage r; expert counts all experts (divide by EP)."""
+    split, replicated, expert = stage_param_split(model, layout, r)
+    return split + replicated, expert
+
+
+def router_params_per_layer(model, layer: int) -> int:
+    """The router's D x E weight (0 for a dense layer): replicated over tensor-parallel ranks."""
+    moe = model.moe
+    return model.hidden_size * moe.num_experts if moe is not None and moe.is_moe_layer(layer) else 0
+
+
+def stage_param_split(model, layout, r: int) -> tuple[int, int, int]:
+    """(split over TP, replicated over TP, expert) parameters of pipeline stage r, before sharding:
+    attention, dense FFN, shared expert and the embedding / output layer vocabulary rows divide by
+    T; the router is replicated (norms are not counted); experts divide by EP x ETP."""
     layers = layout.rank_layers(r)
-    dense = sum(dense_params_per_layer(model, i) for i in layers)
+    replicated = sum(router_params_per_layer(model, i) for i in layers)
+    split = sum(dense_params_per_layer(model, i) for i in layers) - replicated
     expert = sum(expert_params_per_layer(model, i) for i in layers)
     D, V = model.hidden_size, model.vocab_size
     first, last = r == 0, r == layout.num_stages - 1
     if first:
-        dense += D * V  # word embedding
+        split += D * V  # word embedding
     if last and (model.untie_embeddings_and_output_weights or not first):
-        dense += D * V  # output layer, or the tied embedding's copy on the last stage
-    return dense, expert
+        split += D * V  # output layer, or the tied embedding's copy on the last stage
+    return split, replicated, expert
+
+
+def local_params(model, layout, r: int, tp: int, ep: int, etp: int) -> tuple[float, float]:
+    """(dense, expert) parameters one GPU of stage r holds: split / T + replicated, experts / (EP x ETP)."""
+    split, replicated, expert = stage_param_split(model, layout, r)
+    return split / tp + replicated, expert / (ep * etp)
 
 
 # ---------------------------------------------------------------- pipeline schedule
@@ -137,17 +181,77 @@ def inflight_chunks(P: int, V: int, m: int, r: int) -> int:
 
 # ---------------------------------------------------------------- activations
 
-def layer_activation_bytes(model, layer: int, T: int, b: int, moe_recompute: bool = False) -> float:
-    """Activations one layer keeps for backward for a micro-batch of T tokens."""
-    D = model.hidden_size
-    act = 34 * T * D * b / 2
+class TensorLayout(NamedTuple):
+    """How one rank sees a layer: T tensor-parallel ranks, sequence parallelism (T > 1 only), ETP.
+    (A NamedTuple: the tests load this script without registering it as a module.)"""
+
+    tp: int = 1
+    sp: bool = False
+    etp: int = 1
+
+    @classmethod
+    def of(cls, parallel) -> "TensorLayout":
+        t = parallel.tensor_model_parallel_size
+        return cls(t, parallel.sequence_parallel and t > 1, parallel.expert_tensor_size)
+
+
+NORM_KEEPS_OUTPUT = False
+"""Whether a norm keeps its normalised output beside its input for backward: not on CUDA (torch's
+fused RMSNorm/LayerNorm keep the input and 1/rms), yes for RMSNorm on CPU (torch 2.13 composes it
+from elementwise ops; benchmarks/tensor_parallel.py sets it)."""
+
+
+def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout = TensorLayout(),
+                           moe_recompute: bool = False, norm_keeps_output: Optional[bool] = None) -> dict:
+    """Bytes one layer keeps for backward for a micro-batch of T tokens, on one rank, by part:
+
+    outside: the two norms' inputs (and outputs, `NORM_KEEPS_OUTPUT`) and the hidden-dropout masks
+        (1 byte an element when --hidden-dropout > 0): T D per norm, divided by T only with SP;
+    region_inputs: the inputs of the column-parallel layers (QKV, dense fc1, shared-expert fc1),
+        T D each: replicated without SP, and with SP the all-gathered copy, which F.linear keeps
+        for the weight gradient (Megatron-LM keeps the shard and all-gathers again in backward,
+        which would divide this part by T too);
+    inside: attention core and FFN hidden, divided by T: the fused QKV output ((H + 2G) d; V is a
+        view of it), q and k after RoPE ((H + G) d), the SDPA output and the output projection's
+        input (2 H d), no S x S scores (flash-style SDPA); dense or shared FFN 3F (SwiGLU: fc1
+        output 2F, activation F) or 2F (GELU);
+    moe: router input D and, per routed copy, expert input D, fc1 output and activation 3F_e/ETP
+        (2F_e/ETP with GELU) and the combine's weighted copy D, for the T/T tokens each rank
+        routes (its sequence shard, with or without SP); with ETP > 1 each rank computes the
+        ETP-gathered tokens of its group, ETP x the rows at 1/ETP of the width.
+    """
+    D, d = model.hidden_size, model.kv_channels
+    H, G = model.num_attention_heads, model.num_query_groups
+    t, etp = tl.tp, tl.etp
+    outside_tokens = T / t if tl.sp else T
+    keeps_output = NORM_KEEPS_OUTPUT if norm_keeps_output is None else norm_keeps_output
+    per_norm = D * b * (2 if keeps_output and model.normalization == "RMSNorm" else 1)
+    mask = D if model.hidden_dropout > 0 else 0
+    outside = outside_tokens * 2 * (per_norm + mask)
+    rope = (H + G) * d if model.position_embedding_type == "rope" else 0
+    inside = T * ((H + 2 * G) * d + rope + 2 * H * d) * b / t
+    region = T * D * b
+    ffn_width = 3 if model.swiglu else 2
     moe = model.moe
-    if moe is not None and moe.is_moe_layer(layer) and not moe_recompute:
-        per_token = 3 if model.swiglu else 2
-        act += moe.router_topk * T * (D + per_token * moe.ffn_hidden_size) * b
+    moe_part = 0.0
+    if moe is None or not moe.is_moe_layer(layer):
+        region += T * D * b
+        inside += T * ffn_width * model.ffn_hidden_size * b / t
+    else:
         if moe.shared_expert_ffn_hidden_size:
-            act += T * (D + per_token * moe.shared_expert_ffn_hidden_size) * b
-    return act
+            region += T * D * b
+            inside += T * ffn_width * moe.shared_expert_ffn_hidden_size * b / t
+        if not moe_recompute:
+            routed = T / t
+            moe_part = routed * D * b + moe.router_topk * routed * (
+                etp * D + ffn_width * moe.ffn_hidden_size + D) * b
+    return {"outside": outside, "region_inputs": region, "inside": inside, "moe": moe_part}
+
+
+def layer_activation_bytes(model, layer: int, T: int, b: int, moe_recompute: bool = False,
+                           tl: TensorLayout = TensorLayout()) -> float:
+    """Activations one layer keeps for backward for a micro-batch of T tokens (one rank)."""
+    return sum(layer_activation_parts(model, layer, T, b, tl, moe_recompute).values())
 
 
 def chunk_recompute(cfg, layers: list[int]) -> tuple[tuple[tuple[int, int], ...], list[int]]:
@@ -163,11 +267,12 @@ def chunk_recompute(cfg, layers: list[int]) -> tuple[tuple[tuple[int, int], ...]
 def chunk_activation_bytes(cfg, layers: list[int], T: int, b: int) -> tuple[float, float]:
     """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute
     flags: a recomputed segment keeps only its input, and re-creates its layers' activations once."""
-    model = cfg.model
-    full = [layer_activation_bytes(model, i, T, b, cfg.training.moe_layer_recompute) for i in layers]
+    model, tl = cfg.model, TensorLayout.of(cfg.parallel)
+    full = [layer_activation_bytes(model, i, T, b, cfg.training.moe_layer_recompute, tl) for i in layers]
     segments, _ = chunk_recompute(cfg, layers)
     in_segment = {j for a, z in segments for j in range(a, z)}
-    kept = len(segments) * T * model.hidden_size * b + sum(f for j, f in enumerate(full) if j not in in_segment)
+    segment_input = T * model.hidden_size * b / (tl.tp if tl.sp else 1)  # x_BsD under SP
+    kept = len(segments) * segment_input + sum(f for j, f in enumerate(full) if j not in in_segment)
     return kept, max((sum(full[a:z]) for a, z in segments), default=0.0)
 
 
@@ -178,11 +283,103 @@ def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
     chunks = [chunk_activation_bytes(cfg, list(layout.layers(k)), T, b) for k in layout.virtual_stages(r)]
     per_chunk = sum(kept for kept, _ in chunks) / V
     act = inflight_chunks(P, V, mb, r) * per_chunk + max(transient for _, transient in chunks)
-    if r == P - 1:  # fused output layer + loss
+    if r == P - 1:  # fused output layer + loss: dW of this rank's V / T rows, dh of all T tokens
+        tp = cfg.parallel.tensor_model_parallel_size
         inflight_last = inflight_chunks(P, V, mb, r) / V
-        act += inflight_last * (m.vocab_size * m.hidden_size * 4 + T * m.hidden_size * b)
-        act += min(T * m.vocab_size, LOGITS_CHUNK) * 4
+        act += inflight_last * (m.vocab_size * m.hidden_size * 4 / tp + T * m.hidden_size * b)
+        act += min(T * m.vocab_size, LOGITS_CHUNK) * 4 / tp
     return act
+
+
+# ---------------------------------------------------------------- tensor-parallel communication
+
+def ring_bytes(op: str, payload: float, n: int) -> float:
+    """Bytes one rank sends in a ring collective over n ranks: all-reduce 2 (n-1)/n of the
+    tensor, all-gather (n-1)/n of the gathered output, reduce-scatter (n-1)/n of the full input."""
+    if n <= 1:
+        return 0.0
+    return payload * (2 if op == "all_reduce" else 1) * (n - 1) / n
+
+
+def _region(phase_ops: str, X: float) -> list[tuple[str, str, str, float]]:
+    """One column-parallel -> row-parallel region (attention, dense FFN, shared expert)."""
+    if phase_ops == "sp":  # all-gather in, reduce-scatter out; backward the mirror
+        return [("fwd", "all_gather", "tp", X), ("fwd", "reduce_scatter", "tp", X),
+                ("bwd", "reduce_scatter", "tp", X), ("bwd", "all_gather", "tp", X)]
+    return [("fwd", "all_reduce", "tp", X), ("bwd", "all_reduce", "tp", X)]
+
+
+def layer_tp_collectives(model, layer: int, T: int, b: int, tl: TensorLayout) -> list[tuple[str, str, str, float]]:
+    """The tensor-parallel collectives of one layer for a micro-batch of T tokens, as (phase,
+    op, group, payload bytes); payload = the all-reduced tensor, the gathered output, the
+    reduce-scattered input. X = T D b is one micro-batch's hidden states.
+
+    Without SP: attention and a dense FFN each all-reduce X forward (row-parallel output) and
+    backward (column-parallel input gradient). With SP each region all-gathers X before the
+    column-parallel layer and reduce-scatters after the row-parallel one, and backward mirrors
+    them: the same bytes as the all-reduces ((n-1)/n twice). An MoE layer routes each rank's
+    sequence shard: without SP it all-gathers its output forward and its input gradient
+    backward; with SP it needs nothing over TP; a shared expert is one more region. With
+    ETP > 1 the routed copies (K T / T rows a rank, D wide) are all-gathered over ETP after
+    dispatch and reduce-scattered before combine, mirrored in backward. The router adds
+    all-reduces of its expert counts (aux loss) and all-gathers of its choices (capacity)."""
+    t, etp = tl.tp, tl.etp
+    X = T * model.hidden_size * b
+    mode = "sp" if tl.sp else "ar"
+    out = _region(mode, X) if t > 1 else []
+    moe = model.moe
+    if moe is None or not moe.is_moe_layer(layer):
+        return out + (_region(mode, X) if t > 1 else [])
+    if t > 1:
+        if not tl.sp:
+            out += [("fwd", "all_gather", "tp", X), ("bwd", "all_gather", "tp", X)]
+        if moe.shared_expert_ffn_hidden_size:
+            out += _region(mode, X)
+        if moe.load_balancing_type in ("aux_loss", "seq_aux_loss") and moe.aux_loss_coeff:
+            rows = T // model.seq_length if moe.load_balancing_type == "seq_aux_loss" else 1
+            out.append(("fwd", "all_reduce", "tp", rows * moe.num_experts * 4))
+        if moe.capacity_factor is not None and moe.capacity_factor > 0:
+            out += [("fwd", "all_gather", "tp", T * moe.router_topk * 4),   # fp32 probabilities
+                    ("fwd", "all_gather", "tp", T * moe.router_topk * 8)]   # int64 expert ids
+    if etp > 1:
+        rows = etp * moe.router_topk * T / t * model.hidden_size * b
+        out += [("fwd", "all_gather", "etp", rows), ("fwd", "reduce_scatter", "etp", rows),
+                ("bwd", "reduce_scatter", "etp", rows), ("bwd", "all_gather", "etp", rows)]
+    return out
+
+
+def ends_tp_collectives(model, T: int, b: int, tl: TensorLayout, first: bool, last: bool
+                        ) -> list[tuple[str, str, str, float]]:
+    """Embedding (first stage) and output layer + vocab-parallel loss (last stage) collectives
+    for one micro-batch: the embedding's partial rows are all-reduced (SP: reduce-scattered,
+    all-gathered back in backward); the output layer's input is all-reduced in backward (SP:
+    all-gathered forward, reduce-scattered backward); the fused loss all-reduces, per chunk of
+    tokens, the row maxima and then the sums of exponentials and target logits (3 fp32 a token)."""
+    if tl.tp <= 1:
+        return []
+    X = T * model.hidden_size * b
+    out = []
+    if first:
+        out += ([("fwd", "reduce_scatter", "tp", X), ("bwd", "all_gather", "tp", X)] if tl.sp
+                else [("fwd", "all_reduce", "tp", X)])
+    if last:
+        out += ([("fwd", "all_gather", "tp", X), ("bwd", "reduce_scatter", "tp", X)] if tl.sp
+                else [("bwd", "all_reduce", "tp", X)])
+        out += [("fwd", "all_reduce", "tp", T * 4), ("fwd", "all_reduce", "tp", 2 * T * 4)]
+    return out
+
+
+def collective_bytes(colls, tl: TensorLayout, phases=("fwd", "bwd")) -> float:
+    """Bytes one rank sends for `colls` (ring algorithms)."""
+    size = {"tp": tl.tp, "etp": tl.etp}
+    return sum(ring_bytes(op, payload, size[g]) for ph, op, g, payload in colls if ph in phases)
+
+
+def collective_seconds(colls, tl: TensorLayout, gbps: float, alpha_us: float, phases=("fwd", "bwd")) -> float:
+    """Bytes / bandwidth plus alpha per ring step (2 (n-1) for an all-reduce, n-1 otherwise)."""
+    size = {"tp": tl.tp, "etp": tl.etp}
+    steps = sum((2 if op == "all_reduce" else 1) * (size[g] - 1) for ph, op, g, _ in colls if ph in phases)
+    return collective_bytes(colls, tl, phases) / (gbps * 1e9 / 8) + alpha_us * 1e-6 * steps
 
 
 # ---------------------------------------------------------------- per-stage memory and time
@@ -190,16 +387,16 @@ def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
 def stage_memory(cfg, layout, r: int) -> dict:
     """Bytes of weights, gradients, optimizer state and activations on one GPU of stage r."""
     p, t = cfg.parallel, cfg.training
-    ep = p.expert_model_parallel_size
+    tp, ep, etp = p.tensor_model_parallel_size, p.expert_model_parallel_size, p.expert_tensor_size
     dp = p.data_parallel_size
-    edp = dp // ep
-    dense, expert = stage_params(cfg.model, layout, r)
-    local = dense + expert / ep
+    edp = p.world_size // p.pipeline_model_parallel_size // (ep * etp)
+    dense, expert = local_params(cfg.model, layout, r, tp, ep, etp)
+    local = dense + expert
     w, g, o = precision_bytes(t)
     shard, shard_e = (dp, edp) if p.use_distributed_optimizer else (1, 1)
     b = 2 if (t.bf16 or t.fp16) else 4
     return {"stage": r, "params": local, "weights": w * local, "grads": g * local,
-            "optimizer": o * (dense / shard + expert / ep / shard_e),
+            "optimizer": o * (dense / shard + expert / shard_e),
             "activations": stage_activation_bytes(cfg, layout, r, b)}
 
 
@@ -245,8 +442,11 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
     world = gpus_per_node * nodes
     layout = p.pipeline_layout(m.num_layers)
     P, V = layout.num_stages, layout.num_chunks
-    ep, dp = p.expert_model_parallel_size, world // P
-    edp = dp // ep
+    tl = TensorLayout.of(p)
+    tp, ep, etp = tl.tp, p.expert_model_parallel_size, tl.etp
+    stage_ranks = world // P
+    dp = stage_ranks // tp
+    edp = stage_ranks // (ep * etp)
     mb = cfg.num_microbatches
     b = 2 if (t.bf16 or t.fp16) else 4
     tokens_per_dp_rank = t.global_batch_size * m.seq_length / dp
@@ -254,10 +454,11 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
 
     T = t.micro_batch_size * m.seq_length
     K = m.moe.router_topk if m.moe else 0
-    per_exchange = T * K * m.hidden_size * b * (ep - 1) / ep
-    spans_nodes = ep > gpus_per_node
+    per_exchange = T / tp * K * m.hidden_size * b * (ep - 1) / ep  # each rank routes its T / TP tokens
+    spans_nodes = ep * etp > gpus_per_node  # the EP group strides over ETP consecutive ranks
     a2a_gbps = inter_gbps if spans_nodes else intra_gbps
-    stage_span_nodes = dp > gpus_per_node  # a stage's DP group (and the P2P neighbour) leaves the node
+    tp_gbps = inter_gbps if tp > gpus_per_node else intra_gbps
+    stage_span_nodes = stage_ranks > gpus_per_node  # a stage's DP group (and the P2P neighbour) leaves the node
     dp_gbps = inter_gbps if stage_span_nodes else intra_gbps
 
     stages = []
@@ -265,37 +466,50 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
         layers = layout.rank_layers(r)
         moe_layers = sum(1 for i in layers if m.moe and m.moe.is_moe_layer(i))
         exchanges = 4 * moe_layers * mb  # dispatch + combine, forward and backward
-        if t.recompute_granularity == "full" or t.moe_layer_recompute:  # a re-run forward exchanges twice more
-            exchanges += 2 * mb * sum(1 for i in recomputed_layers(cfg, layout, r) if m.moe and m.moe.is_moe_layer(i))
+        redo = recomputed_layers(cfg, layout, r) if (t.recompute_granularity == "full"
+                                                      or t.moe_layer_recompute) else []
+        if redo:  # a re-run forward exchanges twice more
+            exchanges += 2 * mb * sum(1 for i in redo if m.moe and m.moe.is_moe_layer(i))
         flops = stage_flops_per_token(m, layout, r) + recompute_flops_per_token(cfg, layout, r)
-        compute_s = flops * tokens_per_dp_rank / (tflops * 1e12)
+        compute_s = flops * tokens_per_dp_rank / tp / (tflops * 1e12)
         a2a_bytes = exchanges * per_exchange
         a2a_s = exchanges * exchange_seconds(per_exchange, ep - 1, a2a_gbps, alpha_us) if ep > 1 else 0.0
-        dense, expert = stage_params(m, layout, r)
-        grad_bytes = 4 * (dense * 2 * (dp - 1) / dp + expert / ep * 2 * (edp - 1) / edp)
+        colls = [c for i in layers for c in layer_tp_collectives(m, i, T, b, tl)]
+        colls += ends_tp_collectives(m, T, b, tl, r == 0, r == P - 1)
+        # whole-layer recompute re-runs the layers' forward collectives (MoE-only recompute: the
+        # FFN's, approximated by the layer's)
+        again = [c for i in redo for c in layer_tp_collectives(m, i, T, b, tl) if c[0] == "fwd"] \
+            if t.recompute_granularity == "full" else []
+        tp_bytes = mb * (collective_bytes(colls, tl) + collective_bytes(again, tl))
+        tp_s = mb * (collective_seconds(colls, tl, tp_gbps, alpha_us) + collective_seconds(again, tl, tp_gbps, alpha_us))
+        dense, expert = local_params(m, layout, r, tp, ep, etp)
+        grad_bytes = 4 * (dense * 2 * (dp - 1) / dp + expert * 2 * (edp - 1) / edp)
         mem = stage_memory(cfg, layout, r)
         stages.append({**mem, "compute_s": compute_s, "a2a_bytes": a2a_bytes, "a2a_s": a2a_s,
+                       "tp_bytes": tp_bytes, "tp_s": tp_s,
                        "grad_bytes": grad_bytes, "total_bytes": sum(mem[k] for k in MEMORY_PARTS)})
 
-    slow = max(stages, key=lambda s: s["compute_s"] + s["a2a_s"])
+    slow = max(stages, key=lambda s: s["compute_s"] + s["a2a_s"] + s["tp_s"])
     bubble = bubble_fraction(P, V, mb)
-    p2p_bytes = 2 * mb * V * T * m.hidden_size * b if P > 1 else 0.0
-    p2p_s = exchange_seconds(p2p_bytes, 2 * mb * V, inter_gbps if dp >= gpus_per_node else intra_gbps,
+    p2p_bytes = 2 * mb * V * T * m.hidden_size * b / (tp if tl.sp else 1) if P > 1 else 0.0
+    p2p_s = exchange_seconds(p2p_bytes, 2 * mb * V, inter_gbps if stage_ranks >= gpus_per_node else intra_gbps,
                              alpha_us) if P > 1 else 0.0
     grad_bytes = max(s["grad_bytes"] for s in stages)
     grad_s = grad_bytes / (dp_gbps * 1e9 / 8)
-    step_s = (slow["compute_s"] + slow["a2a_s"]) / (1 - bubble) + p2p_s + (0.0 if overlap else grad_s)
+    step_s = (slow["compute_s"] + slow["a2a_s"] + slow["tp_s"]) / (1 - bubble) + p2p_s + (0.0 if overlap else grad_s)
     worst = max(stages, key=lambda s: s["total_bytes"])
     total, expert, dense = total_params(m)
     tokens_per_gpu = t.global_batch_size * m.seq_length / world
     return {
-        "world": world, "mbs": t.micro_batch_size, "pp": P, "vp": V, "dp": dp, "ep": ep, "edp": edp, "microbatches": mb,
+        "world": world, "mbs": t.micro_batch_size, "pp": P, "vp": V, "tp": tp, "sp": tl.sp, "etp": etp,
+        "dp": dp, "ep": ep, "edp": edp, "microbatches": mb,
         "precision": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
         "distributed_optimizer": p.use_distributed_optimizer,
         "total_params": total, "active_params_per_token": flops_token / 6,
         "local_params": worst["params"], "tokens_per_gpu_per_step": tokens_per_gpu,
         "compute_s": slow["compute_s"], "a2a_bytes_per_gpu": slow["a2a_bytes"], "a2a_s": slow["a2a_s"],
-        "a2a_inter_node": spans_nodes, "bubble": bubble, "p2p_bytes_per_gpu": p2p_bytes, "p2p_s": p2p_s,
+        "a2a_inter_node": spans_nodes, "tp_bytes_per_gpu": slow["tp_bytes"], "tp_s": slow["tp_s"],
+        "bubble": bubble, "p2p_bytes_per_gpu": p2p_bytes, "p2p_s": p2p_s,
         "grad_reduce_bytes_per_gpu": grad_bytes, "grad_reduce_s": grad_s, "step_s": step_s,
         "tokens_per_s": t.global_batch_size * m.seq_length / step_s,
         "stages": stages, "worst_stage": worst["stage"],
@@ -313,9 +527,14 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+TP_SIZES = (1, 2, 4, 8)
+
+
 def candidate_configs(cfg, world: int):
-    """Every layout of `world` GPUs: P (dividing world and the layers), EP (dividing the experts
-    and world / P), distributed optimizer on/off, fp32/bf16, micro-batch sizes 1..8 keeping the
+    """Every layout of `world` GPUs: P (dividing world and the layers), T in {1, 2, 4, 8} (with
+    sequence parallelism, as Megatron's recipes run TP; T must divide the heads, query groups,
+    FFN widths and vocabulary), ETP in {1, T} and EP (EP x ETP dividing world / P, EP dividing
+    the experts), distributed optimizer on/off, fp32/bf16, micro-batch sizes 1..8 keeping the
     global batch. Plain 1F1B with even stages (interleaving only adds activations); recompute
     flags are kept as given. Layouts that `validate` refuses are skipped."""
     m, t, p = cfg.model, cfg.training, cfg.parallel
@@ -323,22 +542,28 @@ def candidate_configs(cfg, world: int):
     for P in divisors(world):
         if m.num_layers % P:
             continue
-        for ep in (e for e in divisors(experts) if (world // P) % e == 0):
-            for dist in (False, True):
-                for half in (False, True):
-                    for mbs in (1, 2, 4, 8):
-                        par = dataclasses.replace(
-                            p, world_size=world, pipeline_model_parallel_size=P, expert_model_parallel_size=ep,
-                            virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
-                            decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-                            use_distributed_optimizer=dist)
-                        tr = dataclasses.replace(t, micro_batch_size=mbs, bf16=half, fp16=False)
-                        c = dataclasses.replace(cfg, parallel=par, training=tr)
-                        try:
-                            validate(c)
-                        except ValueError:
-                            continue
-                        yield c
+        stage = world // P
+        for tp in (x for x in TP_SIZES if stage % x == 0):
+            for etp in sorted({1, tp}) if m.moe else [tp]:
+                for ep in (e for e in divisors(experts) if stage % (e * etp) == 0):
+                    for dist in (False, True):
+                        for half in (False, True):
+                            for mbs in (1, 2, 4, 8):
+                                par = dataclasses.replace(
+                                    p, world_size=world, pipeline_model_parallel_size=P,
+                                    expert_model_parallel_size=ep, tensor_model_parallel_size=tp,
+                                    sequence_parallel=tp > 1, expert_tensor_parallel_size=etp,
+                                    virtual_pipeline_model_parallel_size=None,
+                                    num_layers_per_virtual_pipeline_stage=None,
+                                    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+                                    use_distributed_optimizer=dist)
+                                tr = dataclasses.replace(t, micro_batch_size=mbs, bf16=half, fp16=False)
+                                c = dataclasses.replace(cfg, parallel=par, training=tr)
+                                try:
+                                    validate(c)
+                                except ValueError:
+                                    continue
+                                yield c
 
 
 def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list[tuple[int, dict, dict]]:
@@ -360,22 +585,28 @@ def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list
 
 def layout_text(r: dict) -> str:
     vp = f" V={r['vp']}" if r["vp"] > 1 else ""
-    return (f"P={r['pp']}{vp} DP={r['dp']} EP={r['ep']} EDP={r['edp']} mbs={r['mbs']} "
+    tp = f"T={r['tp']}{'+SP' if r['sp'] else ''} " if r["tp"] > 1 else ""
+    etp = f" ETP={r['etp']}" if r["etp"] > 1 else ""
+    return (f"{tp}P={r['pp']}{vp} DP={r['dp']} EP={r['ep']}{etp} EDP={r['edp']} mbs={r['mbs']} "
             f"{r['precision']}{' +distopt' if r['distributed_optimizer'] else ''}")
 
 
 # ---------------------------------------------------------------- command line
 
 def print_estimate(r: dict, nodes: int, gpus_per_node: int, overlap: bool) -> None:
-    print(f"world {r['world']} ({nodes} x {gpus_per_node}): pipeline P={r['pp']} V={r['vp']}, data-parallel "
-          f"DP={r['dp']}, expert-parallel EP={r['ep']}, expert-data-parallel EDP={r['edp']}; "
-          f"{r['microbatches']} micro-batches per step")
+    sp = ", sequence-parallel" if r["sp"] else ""
+    print(f"world {r['world']} ({nodes} x {gpus_per_node}): tensor-parallel T={r['tp']}{sp}, pipeline P={r['pp']} "
+          f"V={r['vp']}, data-parallel DP={r['dp']}, expert-parallel EP={r['ep']}, expert-tensor-parallel "
+          f"ETP={r['etp']}, expert-data-parallel EDP={r['edp']}; {r['microbatches']} micro-batches per step")
     print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['local_params'] / 1e9:.2f} B per GPU "
           f"(stage {r['worst_stage']}); training FLOPs per token / 6 = {r['active_params_per_token'] / 1e9:.2f} B")
     print(f"per step and GPU: {r['tokens_per_gpu_per_step']:.0f} tokens, compute {r['compute_s'] * 1e3:.1f} ms "
           f"(slowest stage)")
     print(f"all-to-all: {r['a2a_bytes_per_gpu'] / GIB:.2f} GiB sent per GPU per step "
           f"({'inter' if r['a2a_inter_node'] else 'intra'}-node), {r['a2a_s'] * 1e3:.1f} ms")
+    if r["tp"] > 1 or r["etp"] > 1:
+        print(f"tensor-parallel collectives: {r['tp_bytes_per_gpu'] / GIB:.2f} GiB sent per GPU per step "
+              f"(slowest stage), {r['tp_s'] * 1e3:.1f} ms")
     if r["pp"] > 1:
         print(f"pipeline: bubble {100 * r['bubble']:.1f}% of the step ((P-1)/(V*m+P-1)), P2P "
               f"{r['p2p_bytes_per_gpu'] / GIB:.2f} GiB per GPU, {r['p2p_s'] * 1e3:.1f} ms")

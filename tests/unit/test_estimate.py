@@ -93,7 +93,10 @@ def test_pipeline_stage_memory_and_worst_stage():
     assert r["bubble"] == pytest.approx(1 / 17)
     stage0 = r["stages"][0]
     T, b = S, 4
-    per_layer = 34 * T * D * b / 2 + K * T * (D + 3 * F) * b
+    # norm inputs + 1-byte dropout masks (hidden dropout 0.1), QKV input, attention core
+    # (qkv 3D, q and k after RoPE 2D, SDPA output and projection input 2D), router input,
+    # per routed copy: expert input D, SwiGLU 3F, combine copy D
+    per_layer = T * (2 * (D * b + D) + D * b + 7 * D * b + D * b + K * (2 * D + 3 * F) * b)
     assert stage0["activations"] == pytest.approx(2 * 2 * per_layer)       # 2 micro-batches x 2 layers
     assert r["worst_stage"] == max(range(2), key=lambda i: r["stages"][i]["total_bytes"])
 
@@ -141,3 +144,71 @@ def test_fit_finds_a_layout(capsys):
     est.main(["--fit", "0.01", "--max-gpus", "8", "--tflops", "1"] + shlex.split(FLAGS))
     out = capsys.readouterr().out
     assert "fits from" in out and "P=" in out
+
+
+# ---------------------------------------------------------------- tensor and sequence parallelism
+
+def test_tensor_parallel_halves_dense_parameter_bytes():
+    """T = 2 halves attention and the embedding/output rows; the router stays whole; experts
+    divide by EP x ETP (here ETP = 1 folded, EP = 2 over the two TP ranks)."""
+    one = cfg("--bf16", world=2)                                                      # DP 2
+    two = cfg("--bf16 --tensor-model-parallel-size 2 --expert-tensor-parallel-size 1 "
+              "--expert-model-parallel-size 2", world=2)
+    layout = one.parallel.pipeline_layout(L)
+    assert est.stage_memory(one, layout, 0)["params"] == 2 * EMBED + L * LAYER
+    split, router, experts = 2 * EMBED + L * ATTN, L * ROUTER, L * E * EXPERT
+    assert est.stage_memory(two, layout, 0)["params"] == split / 2 + router + experts / 2
+    assert state_bytes(two) == pytest.approx(18 * (split / 2 + router + experts / 2))
+    etp2 = cfg("--tensor-model-parallel-size 2 --expert-tensor-parallel-size 2", world=2)   # EP 1, ETP 2
+    assert est.stage_memory(etp2, layout, 0)["params"] == split / 2 + router + experts / 2
+
+
+def test_sequence_parallel_divides_the_sequence_sharded_part_by_t():
+    T, b = 2 * S, 2
+    parts = {tl: est.layer_activation_parts(cfg("").model, 0, T, b, tl)
+             for tl in (est.TensorLayout(1), est.TensorLayout(4), est.TensorLayout(4, True))}
+    one, tp, sp = parts.values()
+    assert tp["outside"] == one["outside"] and sp["outside"] == pytest.approx(one["outside"] / 4)
+    assert one["outside"] == T * 2 * (D * b + D)          # two norm inputs + two 1-byte dropout masks
+    for part in ("inside", "moe"):                         # the TP region and each rank's routed shard
+        assert tp[part] == pytest.approx(one[part] / 4) and sp[part] == tp[part]
+    assert sp["region_inputs"] == tp["region_inputs"] == one["region_inputs"] == T * D * b   # QKV input (gathered)
+
+
+def test_tensor_parallel_communication_worked_example():
+    """T = 4, micro-batch of 64 tokens, D = 64, bf16: X = 64 * 64 * 2 = 8 KiB per micro-batch."""
+    m, T, b, X = cfg("").model, 2 * S, 2, 2 * S * D * 2
+    assert est.ring_bytes("all_reduce", X, 4) == 2 * 3 / 4 * X == 12288
+    assert est.ring_bytes("all_gather", X, 4) == est.ring_bytes("reduce_scatter", X, 4) == 6144
+    dense_layer = [("fwd", "all_reduce", "tp", X), ("bwd", "all_reduce", "tp", X)] * 2
+    no_sp, with_sp = est.TensorLayout(4), est.TensorLayout(4, True)
+    dense = config_from_args(parse_args(shlex.split(FLAGS.replace(f"--num-experts {E} --moe-router-topk {K}", ""))),
+                             world_size=1).model                                           # no experts
+    assert est.layer_tp_collectives(dense, 0, T, b, no_sp) == [dense_layer[0], dense_layer[1]] * 2
+    assert est.collective_bytes(est.layer_tp_collectives(dense, 0, T, b, no_sp), no_sp) == 4 * 12288
+    assert est.collective_bytes(est.layer_tp_collectives(dense, 0, T, b, with_sp), with_sp) == 8 * 6144
+    # MoE layer with SP: attention's 4 exchanges only (no aux loss here; with one, its E fp32
+    # counts are all-reduced once); without SP the shard's output and input gradient are gathered
+    moe_sp = est.layer_tp_collectives(m, 0, T, b, with_sp)
+    assert est.collective_bytes(moe_sp, with_sp) == 4 * 6144
+    assert est.collective_bytes(est.layer_tp_collectives(m, 0, T, b, no_sp), no_sp) == 2 * 12288 + 2 * 6144
+    aux = cfg("--moe-aux-loss-coeff 1e-2").model
+    assert est.collective_bytes(est.layer_tp_collectives(aux, 0, T, b, with_sp), with_sp) == 4 * 6144 + 1.5 * E * 4
+    # ETP = 2: the K T / T routed rows gathered over ETP and reduce-scattered, forward and backward
+    etp = est.TensorLayout(4, True, 2)
+    rows = 2 * K * T / 4 * D * b
+    extra = est.collective_bytes(est.layer_tp_collectives(m, 0, T, b, etp), etp) - est.collective_bytes(moe_sp, with_sp)
+    assert extra == 4 * rows / 2
+
+
+def test_estimate_reports_tp_bytes_and_fit_tries_tensor_parallel(capsys):
+    c = cfg("--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1", world=2)
+    r = est.estimate(c, 2, 1, 1.0, 8.0, 8.0, 0.0, True)
+    assert (r["tp"], r["sp"], r["etp"], r["dp"], r["edp"]) == (2, True, 1, 1, 2)
+    b, m = 4, 16                                         # micro-batch of S tokens, DP 1: 16 micro-batches
+    layer = 4 * (S * D * b) / 2                          # attention's AG/RS pairs (no aux loss)
+    ends = 2 * (S * D * b) / 2 + 2 * (S * D * b) / 2 + 2 * 3 * S * 4 / 2
+    assert r["tp_bytes_per_gpu"] == pytest.approx(m * (L * layer + ends))
+    worlds = {c.parallel.tensor_model_parallel_size for c in est.candidate_configs(cfg(""), 8)}
+    assert worlds == {1, 2, 4}                          # 4 heads: T = 8 is refused by validate
+
