@@ -335,11 +335,10 @@ def main() -> None:
               if name.split()[0] == kind and "EP=2" not in name}
         sharded = by["T=2+SP"]["outside"] / by["T=2"]["outside"]
         one, sp = sum(by["T=1"].values()), by["T=2+SP"]
-        regathered = (sum(sp.values()) - sp["region_inputs"] / 2) / one
         print(f"{kind}: sequence-sharded part (outside) with SP / without SP = {sharded:.3f} (target 1/T = 0.5); "
-              f"whole layer T=2+SP / T=2 = {sum(sp.values()) / sum(by['T=2'].values()):.3f}, T=2+SP / T=1 = "
-              f"{sum(sp.values()) / one:.3f} ({regathered:.3f} if the QKV/fc1 inputs were kept sharded and "
-              f"re-gathered in backward, as Megatron-LM does)")
+              f"column-parallel inputs kept with SP / without = "
+              f"{sp['region_inputs'] / by['T=2']['region_inputs']:.3f}; whole layer T=2+SP / T=2 = "
+              f"{sum(sp.values()) / sum(by['T=2'].values()):.3f}, T=2+SP / T=1 = {sum(sp.values()) / one:.3f}")
 
 
 if __name__ == "__main__":

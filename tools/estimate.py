@@ -54,9 +54,9 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   per rank, from this code's layer (`layer_activation_parts`, checked by
   benchmarks/tensor_parallel.py): outside the TP region the two norm inputs (T D b each) and,
   with --hidden-dropout > 0, two 1-byte masks, divided by T only with SP; the column-parallel
-  layers' inputs (QKV, dense fc1, shared-expert fc1: T D b each), whole on every rank, also
-  with SP (the all-gathered copy is what the linear keeps; Megatron-LM keeps the shard and
-  gathers again in backward); inside, divided by T: the QKV output, q and k after RoPE, the
+  layers' inputs (QKV, dense fc1, shared-expert fc1: T D b each), whole on every rank without
+  SP, divided by T with SP (the layer keeps its shard and gathers it again in backward, as
+  Megatron-LM does); inside, divided by T: the QKV output, q and k after RoPE, the
   SDPA output and the projection input (T (4H + 3G) d b with RoPE; flash-style SDPA keeps no
   S x S scores) and the FFN hidden (SwiGLU 3F, GELU 2F); in an MoE layer the router input and,
   per routed copy, the expert input, 3F_e (2F_e) and the combine's copy, for the T / TP tokens
@@ -208,9 +208,8 @@ def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout =
     outside: the two norms' inputs (and outputs, `NORM_KEEPS_OUTPUT`) and the hidden-dropout masks
         (1 byte an element when --hidden-dropout > 0): T D per norm, divided by T only with SP;
     region_inputs: the inputs of the column-parallel layers (QKV, dense fc1, shared-expert fc1),
-        T D each: replicated without SP, and with SP the all-gathered copy, which F.linear keeps
-        for the weight gradient (Megatron-LM keeps the shard and all-gathers again in backward,
-        which would divide this part by T too);
+        T D each: replicated without SP; with SP only the shard is kept (the layer all-gathers it
+        again in backward, as Megatron-LM does), so divided by T;
     inside: attention core and FFN hidden, divided by T: the fused QKV output ((H + 2G) d; V is a
         view of it), q and k after RoPE ((H + G) d), the SDPA output and the output projection's
         input (2 H d), no S x S scores (flash-style SDPA); dense or shared FFN 3F (SwiGLU: fc1
@@ -230,16 +229,17 @@ def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout =
     outside = outside_tokens * 2 * (per_norm + mask)
     rope = (H + G) * d if model.position_embedding_type == "rope" else 0
     inside = T * ((H + 2 * G) * d + rope + 2 * H * d) * b / t
-    region = T * D * b
+    region_tokens = T / t if tl.sp else T
+    region = region_tokens * D * b
     ffn_width = 3 if model.swiglu else 2
     moe = model.moe
     moe_part = 0.0
     if moe is None or not moe.is_moe_layer(layer):
-        region += T * D * b
+        region += region_tokens * D * b
         inside += T * ffn_width * model.ffn_hidden_size * b / t
     else:
         if moe.shared_expert_ffn_hidden_size:
-            region += T * D * b
+            region += region_tokens * D * b
             inside += T * ffn_width * moe.shared_expert_ffn_hidden_size * b / t
         if not moe_recompute:
             routed = T / t
@@ -303,9 +303,11 @@ def ring_bytes(op: str, payload: float, n: int) -> float:
 
 def _region(phase_ops: str, X: float) -> list[tuple[str, str, str, float]]:
     """One column-parallel -> row-parallel region (attention, dense FFN, shared expert)."""
-    if phase_ops == "sp":  # all-gather in, reduce-scatter out; backward the mirror
+    if phase_ops == "sp":  # all-gather in, reduce-scatter out; backward the mirror, and the
+        # column-parallel layer gathers its kept shard again for the weight gradient
         return [("fwd", "all_gather", "tp", X), ("fwd", "reduce_scatter", "tp", X),
-                ("bwd", "reduce_scatter", "tp", X), ("bwd", "all_gather", "tp", X)]
+                ("bwd", "reduce_scatter", "tp", X), ("bwd", "all_gather", "tp", X),
+                ("bwd", "all_gather", "tp", X)]
     return [("fwd", "all_reduce", "tp", X), ("bwd", "all_reduce", "tp", X)]
 
 
@@ -317,7 +319,8 @@ def layer_tp_collectives(model, layer: int, T: int, b: int, tl: TensorLayout) ->
     Without SP: attention and a dense FFN each all-reduce X forward (row-parallel output) and
     backward (column-parallel input gradient). With SP each region all-gathers X before the
     column-parallel layer and reduce-scatters after the row-parallel one, and backward mirrors
-    them: the same bytes as the all-reduces ((n-1)/n twice). An MoE layer routes each rank's
+    them, plus one more all-gather in backward (the column-parallel layer keeps only its input
+    shard and gathers it again for the weight gradient): 5/4 of the all-reduces' bytes. An MoE layer routes each rank's
     sequence shard: without SP it all-gathers its output forward and its input gradient
     backward; with SP it needs nothing over TP; a shared expert is one more region. With
     ETP > 1 the routed copies (K T / T rows a rank, D wide) are all-gathered over ETP after

@@ -29,7 +29,8 @@ DENSE = TINY_FLAGS.replace(MOE_FLAGS, "") + " --global-batch-size 8 --clip-grad 
 MOE = TINY_FLAGS + " --global-batch-size 8 --moe-z-loss-coeff 1e-3 --clip-grad 0.05"
 STEPS = 3
 PARALLEL_FLAGS = re.compile(r"--(tensor-model-parallel-size|pipeline-model-parallel-size|expert-model-parallel-size|"
-                            r"expert-tensor-parallel-size) \d+|--sequence-parallel|--use-distributed-optimizer")
+                            r"expert-tensor-parallel-size|virtual-pipeline-model-parallel-size) \d+|"
+                            r"--sequence-parallel|--use-distributed-optimizer|--pipeline-schedule \w+")
 
 # (name, world size, base flags, extra flags)
 SCENARIOS = [
@@ -52,6 +53,9 @@ SCENARIOS = [
      "--expert-model-parallel-size 4 --expert-tensor-parallel-size 1 --moe-token-dispatcher-type alltoall"),
     ("tp2xpp2", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel --pipeline-model-parallel-size 2 "
      "--expert-tensor-parallel-size 1"),
+    ("tp2xpp2-interleaved-zero-bubble", 4, MOE, "--num-layers 4 --tensor-model-parallel-size 2 --sequence-parallel "
+     "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 --pipeline-schedule InterleavedZeroBubble "
+     "--expert-tensor-parallel-size 1 --untie-embeddings-and-output-weights"),
     # (the global aux loss is left out beside data parallelism: its counts are, by definition,
     # summed over the data-parallel ranks' micro-batches, so DP = 2 and DP = 1 differ)
     ("tp2xdp2-distopt-overlap", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "

@@ -172,7 +172,8 @@ def test_sequence_parallel_divides_the_sequence_sharded_part_by_t():
     assert one["outside"] == T * 2 * (D * b + D)          # two norm inputs + two 1-byte dropout masks
     for part in ("inside", "moe"):                         # the TP region and each rank's routed shard
         assert tp[part] == pytest.approx(one[part] / 4) and sp[part] == tp[part]
-    assert sp["region_inputs"] == tp["region_inputs"] == one["region_inputs"] == T * D * b   # QKV input (gathered)
+    assert tp["region_inputs"] == one["region_inputs"] == T * D * b   # QKV input, whole without SP
+    assert sp["region_inputs"] == pytest.approx(one["region_inputs"] / 4)  # SP keeps the shard, re-gathers it
 
 
 def test_tensor_parallel_communication_worked_example():
@@ -186,14 +187,15 @@ def test_tensor_parallel_communication_worked_example():
                              world_size=1).model                                           # no experts
     assert est.layer_tp_collectives(dense, 0, T, b, no_sp) == [dense_layer[0], dense_layer[1]] * 2
     assert est.collective_bytes(est.layer_tp_collectives(dense, 0, T, b, no_sp), no_sp) == 4 * 12288
-    assert est.collective_bytes(est.layer_tp_collectives(dense, 0, T, b, with_sp), with_sp) == 8 * 6144
+    # SP: an all-gather / reduce-scatter pair each way per region, and the re-gather of the kept shard
+    assert est.collective_bytes(est.layer_tp_collectives(dense, 0, T, b, with_sp), with_sp) == 10 * 6144
     # MoE layer with SP: attention's 4 exchanges only (no aux loss here; with one, its E fp32
     # counts are all-reduced once); without SP the shard's output and input gradient are gathered
     moe_sp = est.layer_tp_collectives(m, 0, T, b, with_sp)
-    assert est.collective_bytes(moe_sp, with_sp) == 4 * 6144
+    assert est.collective_bytes(moe_sp, with_sp) == 5 * 6144
     assert est.collective_bytes(est.layer_tp_collectives(m, 0, T, b, no_sp), no_sp) == 2 * 12288 + 2 * 6144
     aux = cfg("--moe-aux-loss-coeff 1e-2").model
-    assert est.collective_bytes(est.layer_tp_collectives(aux, 0, T, b, with_sp), with_sp) == 4 * 6144 + 1.5 * E * 4
+    assert est.collective_bytes(est.layer_tp_collectives(aux, 0, T, b, with_sp), with_sp) == 5 * 6144 + 1.5 * E * 4
     # ETP = 2: the K T / T routed rows gathered over ETP and reduce-scattered, forward and backward
     etp = est.TensorLayout(4, True, 2)
     rows = 2 * K * T / 4 * D * b
@@ -206,7 +208,7 @@ def test_estimate_reports_tp_bytes_and_fit_tries_tensor_parallel(capsys):
     r = est.estimate(c, 2, 1, 1.0, 8.0, 8.0, 0.0, True)
     assert (r["tp"], r["sp"], r["etp"], r["dp"], r["edp"]) == (2, True, 1, 1, 2)
     b, m = 4, 16                                         # micro-batch of S tokens, DP 1: 16 micro-batches
-    layer = 4 * (S * D * b) / 2                          # attention's AG/RS pairs (no aux loss)
+    layer = 5 * (S * D * b) / 2                          # attention's AG/RS pairs and re-gather (no aux loss)
     ends = 2 * (S * D * b) / 2 + 2 * (S * D * b) / 2 + 2 * 3 * S * 4 / 2
     assert r["tp_bytes_per_gpu"] == pytest.approx(m * (L * layer + ends))
     worlds = {c.parallel.tensor_model_parallel_size for c in est.candidate_configs(cfg(""), 8)}

@@ -106,11 +106,33 @@ class ColumnParallelLinear(nn.Module):
         return cls(split(weight_OI, group), bias, group, sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, self.group)
-        else:
-            x = mappings.copy_to_tensor_parallel_region(x, self.group)
+        if self.sequence_parallel and group_size(self.group) > 1:
+            return _GatheredLinear.apply(x, self.weight, self.bias, self.group)
+        x = mappings.copy_to_tensor_parallel_region(x, self.group)
         return F.linear(x, self.weight, self.bias)
+
+
+class _GatheredLinear(torch.autograd.Function):
+    """y_BSo = all_gather_seq(x_BsI) @ weight_oI^T + bias_o, keeping only the shard x_BsI for
+    backward (Megatron-LM's choice): backward gathers it again for the weight gradient and
+    reduce-scatters the input gradient. Saves (T-1)/T of the input's activation memory for one
+    more all-gather in backward."""
+
+    @staticmethod
+    def forward(ctx, x_BsI, weight_oI, bias_o, group):
+        ctx.group, ctx.has_bias = group, bias_o is not None
+        ctx.save_for_backward(x_BsI, weight_oI)
+        return F.linear(mappings.all_gather(x_BsI, group, mappings.SEQUENCE_DIM), weight_oI, bias_o)
+
+    @staticmethod
+    def backward(ctx, grad_BSo):
+        x_BsI, weight_oI = ctx.saved_tensors
+        x_NI = mappings.all_gather(x_BsI, ctx.group, mappings.SEQUENCE_DIM).flatten(0, -2)
+        grad_x = mappings.reduce_scatter(grad_BSo @ weight_oI, ctx.group, mappings.SEQUENCE_DIM)
+        grad_No = grad_BSo.flatten(0, -2)
+        grad_w = grad_No.t() @ x_NI
+        grad_b = grad_No.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
 
 
 class RowParallelLinear(nn.Module):
