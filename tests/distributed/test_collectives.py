@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.parallel_state import CollectiveTimeout, ProcessGroups, report_hangs
+from megatron.core.tensor_parallel.mappings import gather_rows_uneven, reduce_scatter_rows_uneven
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import all_to_all
 from tests.distributed.harness import run_distributed
@@ -42,6 +43,41 @@ def test_all_to_all_uneven_splits_forward_and_backward():
             start = sum(res[dst]["recv"][:r])
             grads.append(res[dst]["weight"][start:start + res[dst]["recv"][r]])
         torch.testing.assert_close(res[r]["grad"], torch.cat(grads))
+
+
+def _uneven_rows_worker(rank: int, world: int) -> dict:
+    out = {}
+    for case, sizes in {"uneven": [2, 0, 3], "all-empty": [0, 0, 0]}.items():
+        x = torch.arange(sizes[rank] * 2, dtype=torch.float32).view(-1, 2).add(100 * rank).requires_grad_()
+        gathered = gather_rows_uneven(x, dist.group.WORLD, sizes)
+        weight = torch.arange(gathered.numel(), dtype=torch.float32).view_as(gathered) * (rank + 1)
+        (gathered * weight).sum().backward()
+        partial = (torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2) * (rank + 1)).requires_grad_()
+        mine = reduce_scatter_rows_uneven(partial, dist.group.WORLD, sizes)
+        mine_weight = torch.full_like(mine, float(rank + 1))
+        (mine * mine_weight).sum().backward()
+        out[case] = dict(x=x.detach(), gathered=gathered.detach(), x_grad=x.grad, weight=weight, mine=mine.detach(),
+                         partial_grad=partial.grad, mine_weight=mine_weight, sizes=sizes)
+    return out
+
+
+def test_uneven_gather_and_reduce_scatter_forward_and_backward():
+    """gather_rows_uneven concatenates blocks of different sizes (empty ones too) in rank order and
+    its backward sums the gradient over ranks; reduce_scatter_rows_uneven is its mirror."""
+    res = run_distributed(_uneven_rows_worker, 3)
+    for case in ("uneven", "all-empty"):
+        sizes = res[0][case]["sizes"]
+        starts = [sum(sizes[:r]) for r in range(3)]
+        every = torch.cat([res[r][case]["x"] for r in range(3)])
+        weight_sum = sum(res[r][case]["weight"] for r in range(3))
+        grad_sum = torch.cat([res[r][case]["mine_weight"] for r in range(3)])
+        for r in range(3):
+            got = res[r][case]
+            torch.testing.assert_close(got["gathered"], every)
+            torch.testing.assert_close(got["x_grad"], weight_sum[starts[r]:starts[r] + sizes[r]])
+            whole = torch.arange(sum(sizes) * 2, dtype=torch.float32).view(-1, 2) * 6  # (1 + 2 + 3)
+            torch.testing.assert_close(got["mine"], whole[starts[r]:starts[r] + sizes[r]])
+            torch.testing.assert_close(got["partial_grad"], grad_sum)
 
 
 def _global_aux_worker(rank: int, world: int) -> dict:

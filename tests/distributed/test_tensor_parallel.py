@@ -1,14 +1,15 @@
 """Tensor, sequence and expert-tensor parallelism on CPU gloo ranks equal the single-process run.
 
 Each scenario trains a few steps with T = 2 (alone, with sequence parallelism, beside expert,
-pipeline and data parallelism, with the distributed optimizer) and in one process with the same
-global batch, and compares the loss curve, the gradient norms, the expert loads and every
-parameter slice each rank holds against the same slice of the single-process parameters:
-relative difference < 1e-5 for losses and norms in fp32, < 1e-4 for the parameters after
-three Adam steps (Adam divides each gradient by its own magnitude, which magnifies the last
-bits of small gradients; the key norm's bias, whose gradient is zero up to rounding because
-softmax ignores a constant shift, is left out). The aux loss and z-loss are on in every MoE
-scenario.
+pipeline and data parallelism, with the distributed optimizer; with the experts' FFN width split
+over ETP = 2 under each dispatcher, with capacity dropping and padding, and with expert biases)
+and in one process with the same global batch, and compares the loss curve, the gradient
+norms, the expert loads and every parameter slice each rank holds against the same slice of the
+single-process parameters: relative difference < 1e-5 for losses and norms in fp32, < 1e-4 for
+the parameters after three Adam steps (Adam divides each gradient by its own magnitude, which
+magnifies the last bits of small gradients; the key norm's bias, whose gradient is zero up to
+rounding because softmax ignores a constant shift, is left out). The aux loss and z-loss are on
+in every MoE scenario.
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ SCENARIOS = [
     # summed over the data-parallel ranks' micro-batches, so DP = 2 and DP = 1 differ)
     ("tp2xdp2-distopt-overlap", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
      "--expert-tensor-parallel-size 1 --use-distributed-optimizer --overlap-grad-reduce --ddp-bucket-size 2000"),
+    # Expert tensor parallelism: each expert's FFN width split over ETP = 2 ranks.
+    ("tp2-moe-sp-etp2", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel"),  # ETP defaults to T
+    ("tp2-moe-etp2-no-sp-bias", 2, MOE.replace("--disable-bias-linear", ""),
+     "--tensor-model-parallel-size 2 --expert-tensor-parallel-size 2"),
+    ("tp2-moe-sp-etp2-capacity-pad", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity"),
+    ("tp2xep2-etp2-alltoall", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--expert-model-parallel-size 2 --expert-tensor-parallel-size 2 --moe-token-dispatcher-type alltoall"),
+    ("tp2xep2-etp2-allgather", 4, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--expert-model-parallel-size 2 --moe-token-dispatcher-type allgather"),
+    ("tp2xep2-etp2-allgather-bias-capacity", 4, MOE.replace("--disable-bias-linear", ""),
+     "--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 "
+     "--moe-token-dispatcher-type allgather --moe-expert-capacity-factor 1.0"),
+    ("tp2xep2-etp2-alltoall-bias-capacity-pad-distopt", 4, MOE.replace("--disable-bias-linear", ""),
+     "--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 "
+     "--moe-token-dispatcher-type alltoall --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
+     "--use-distributed-optimizer"),
 ]
 
 

@@ -23,7 +23,10 @@ Under tensor parallelism, replicated parameters that saw only part of the tokens
 (tagged `sequence_parallel`: norms and the router under sequence parallelism, q/k norms) get
 their gradients summed over the tensor-parallel group after the data-parallel reduction (both
 are sums, so the order does not matter); the norm counts each slice of a split parameter once
-and each replicated parameter once (on tensor-parallel rank 0).
+and each replicated parameter once (on tensor-parallel rank 0). Expert parameters likewise:
+slices split over the expert-tensor-parallel group (ETP) count on every rank, those replicated
+over it (the experts' output bias) on ETP rank 0; their gradients are already whole on every
+ETP rank (see `GroupedExperts`).
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class DataParallel:
         if groups.tp_rank > 0:  # replicated over TP: counted on TP rank 0
             self.norm_excluded += [p for p in dense if not getattr(p, "tensor_model_parallel", False)
                                    and p is not tied]
+        if groups.etp_size > 1 and dist.get_rank(groups.etp) > 0:  # replicated over ETP (bias2): on ETP rank 0
+            self.norm_excluded += [p for p in expert if not getattr(p, "tensor_model_parallel", False)]
         self._started: set = set()
         self._passes: dict = {}
         self._passes_per_step = 1

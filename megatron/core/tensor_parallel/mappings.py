@@ -16,7 +16,9 @@ dim-0-first copy (`movedim`) and move the result back, one extra copy per exchan
                                           forward reduce-scatter(dim) backward all-gather(dim)
 
 Gathers concatenate in group-rank order; reduce-scatters give rank r the r-th equal chunk, so
-the size along `dim` must divide by the group size.
+the size along `dim` must divide by the group size. `gather_rows_uneven` and
+`reduce_scatter_rows_uneven` are the same pair along dim 0 for blocks of different sizes (routed
+tokens over the expert-tensor-parallel group).
 """
 
 from __future__ import annotations
@@ -173,3 +175,69 @@ def split_along_dim(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     if x.shape[dim] % n:
         raise ValueError(f"size {x.shape[dim]} along dim {dim} does not divide by the group size {n}")
     return x.chunk(n, dim=dim)[group_rank(group)].contiguous()
+
+
+# ---------------------------------------------------------------- uneven row blocks (expert tensor parallelism)
+#
+# Expert-tensor-parallel ranks exchange routed tokens, whose number differs from rank to rank.
+# `sizes_R[r]` is rank r's number of rows, known on every rank. The collectives pad every block
+# to the largest and use the equal-size ones (gloo has no uneven all-gather), then drop the padding.
+
+def all_gather_uneven(x_nD: torch.Tensor, group, sizes_R: list[int]) -> torch.Tensor:
+    """Every rank's rows x_nD (n = sizes_R[rank]) concatenated in rank order: x_ND, N = sum(sizes_R)."""
+    if _trivial(group):
+        return x_nD
+    most = max(sizes_R)
+    if most == 0:
+        return x_nD.new_empty((0,) + tuple(x_nD.shape[1:]))
+    padded = x_nD.new_zeros((most,) + tuple(x_nD.shape[1:]))
+    padded[: x_nD.shape[0]] = x_nD
+    blocks = all_gather(padded, group, 0).split(most)
+    return torch.cat([block[:n] for block, n in zip(blocks, sizes_R)])
+
+
+def reduce_scatter_uneven(x_ND: torch.Tensor, group, sizes_R: list[int]) -> torch.Tensor:
+    """Sum of x_ND (rows in blocks of sizes_R, rank order) over the group; this rank keeps its block x_nD."""
+    if _trivial(group):
+        return x_ND
+    most, rank = max(sizes_R), group_rank(group)
+    if most == 0:
+        return x_ND.new_empty((0,) + tuple(x_ND.shape[1:]))
+    padded = x_ND.new_zeros((len(sizes_R), most) + tuple(x_ND.shape[1:]))
+    for r, block in enumerate(x_ND.split(sizes_R)):
+        padded[r, : block.shape[0]] = block
+    return reduce_scatter(padded.flatten(0, 1), group, 0)[: sizes_R[rank]]
+
+
+class _GatherUneven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes_R):
+        ctx.group, ctx.sizes_R = group, sizes_R
+        return all_gather_uneven(x, group, sizes_R)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_uneven(grad, ctx.group, ctx.sizes_R), None, None
+
+
+class _ReduceScatterUneven(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, sizes_R):
+        ctx.group, ctx.sizes_R = group, sizes_R
+        return reduce_scatter_uneven(x, group, sizes_R)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_uneven(grad, ctx.group, ctx.sizes_R), None, None
+
+
+def gather_rows_uneven(x_nD: torch.Tensor, group, sizes_R: list[int]) -> torch.Tensor:
+    """x_nD -> x_ND, every rank's rows in rank order (`all_gather_uneven`); backward sums the
+    gradient over the group and keeps this rank's rows (every rank's result feeds on x)."""
+    return x_nD if _trivial(group) else _GatherUneven.apply(x_nD, group, list(sizes_R))
+
+
+def reduce_scatter_rows_uneven(x_ND: torch.Tensor, group, sizes_R: list[int]) -> torch.Tensor:
+    """Partial sums x_ND -> this rank's block x_nD of their sum (`reduce_scatter_uneven`);
+    backward all-gathers the blocks' gradients."""
+    return x_ND if _trivial(group) else _ReduceScatterUneven.apply(x_ND, group, list(sizes_R))

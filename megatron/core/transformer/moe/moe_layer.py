@@ -9,7 +9,9 @@
 Under tensor parallelism every rank routes its own sequence shard (T = B*s tokens): with
 sequence parallelism that is the layer's input; without it, the layer takes its shard of the
 replicated input and all-gathers the output (Megatron-LM refuses this combination for speed;
-here it runs, with the same numbers). The shared expert is a tensor-parallel dense MLP.
+here it runs, with the same numbers). The shared expert is a tensor-parallel dense MLP. With
+expert tensor parallelism (ETP > 1, by default ETP = T) the routed experts' FFN width is split
+over the ETP group; the dispatcher gathers the group's routed rows and sums the partial outputs.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class MoELayer(nn.Module):
     """hidden_BSD -> (output_BSD, RouterOutput). Module names follow Megatron-Core
     (`router`, `experts`, `shared_experts`) so state-dict keys line up with its checkpoints.
 
-    The dispatcher takes the expert groups (`groups.ep`, `groups.etp`); the router the
+    The dispatcher takes the expert groups (`groups.ep`, `groups.etp`), the experts the
+    expert-tensor-parallel group they split their FFN width over; the router the
     tensor-parallel group whose ranks hold shards of the same sequences, and the stage's ranks
     for the global aux loss.
     """
@@ -68,8 +71,9 @@ class MoELayer(nn.Module):
         self.tp = tp
         self.router = build_router(config, groups.tp_dp if tp.enabled else groups.dp, tp.group)
         tp.tag_replicated(self.router.parameters(), partial_grads=True)  # it sees this rank's tokens only
-        self.dispatcher = build_dispatcher(moe, groups.ep)
-        self.experts = GroupedExperts(config, self.dispatcher.num_local_experts, self.dispatcher.local_expert_offset)
+        self.dispatcher = build_dispatcher(moe, groups.ep, groups.etp)
+        self.experts = GroupedExperts(config, self.dispatcher.num_local_experts, self.dispatcher.local_expert_offset,
+                                      groups.etp)
         self.shared_experts = (
             MLP(config, moe.shared_expert_ffn_hidden_size, tp) if moe.shared_expert_ffn_hidden_size else None
         )

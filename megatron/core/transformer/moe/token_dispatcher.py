@@ -1,6 +1,7 @@
 """Token dispatchers: move routed tokens to the ranks that own their experts, and back.
 
-This is the only module that knows the expert-parallel (EP) group. The model calls
+This is the only module that knows the expert-parallel (EP) and expert-tensor-parallel (ETP)
+groups. The model calls
 
     x_ND, tokens_per_local_expert_L, state = dispatcher.dispatch(hidden_TD, routing)
     y_ND = experts(x_ND, tokens_per_local_expert_L)
@@ -16,6 +17,15 @@ the probability-weighted sum over each token's K experts (dropped assignments co
 * `AllGatherDispatcher`: all-gather every EP rank's tokens and routing, compute this rank's
   experts on all of them, and reduce-scatter the weighted outputs back.
 
+Expert tensor parallelism (ETP > 1): the ETP ranks hold the same experts, each a slice of
+their FFN width, so each must see the rows of all of them and its outputs are partial sums.
+After the EP exchange, the local and all-to-all dispatchers all-gather the received rows (and
+their counts) over the ETP group, uneven sizes, regroup all of them by local expert (sources
+[ETP rank][EP rank]), and in combine reduce-scatter the partial outputs back to each rank's
+own rows before the reverse exchange (Megatron-Core's all-to-all dispatcher does the same).
+The all-gather dispatcher gathers the tokens over EP and then over ETP, and reduce-scatters
+over ETP and then EP.
+
 All three give the single-process result. A rank or an expert with zero tokens is fine.
 """
 
@@ -28,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core.config import MoEConfig
+from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer.moe.router import RouterOutput
 
 
@@ -153,17 +164,20 @@ class _State:
     pad_slot_N: Optional[torch.Tensor] = None
     send_splits: Optional[list[int]] = None
     recv_splits: Optional[list[int]] = None
+    etp_rows: Optional[list[int]] = None
+    """Rows each ETP rank put into the gathered block (None when ETP = 1)."""
     regroup_idx: Optional[torch.Tensor] = None
 
 
 class LocalDispatcher:
-    """All experts live on this rank (EP = 1)."""
+    """All experts live on this rank (EP = 1). With ETP > 1 the ETP ranks gather each other's
+    routed rows, so that each computes its slice of every expert on all of them."""
 
-    def __init__(self, moe: MoEConfig, ep_group=None):
+    def __init__(self, moe: MoEConfig, ep_group=None, etp_group=None):
         self.moe = moe
-        self.ep_group = ep_group
-        self.ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
-        self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
+        self.ep_group, self.etp_group = ep_group, etp_group
+        self.ep_size, self.ep_rank = mappings.group_size(ep_group), mappings.group_rank(ep_group)
+        self.etp_size = mappings.group_size(etp_group)
         self.num_local_experts = moe.num_experts // self.ep_size
         self.local_expert_offset = self.ep_rank * self.num_local_experts
 
@@ -171,18 +185,56 @@ class LocalDispatcher:
         sort_idx, counts_E = sort_assignments(routing.expert_idx_TK, routing.keep_TK, self.moe.num_experts)
         x_ND = permute(hidden_TD, sort_idx, routing.expert_idx_TK.shape[1])
         state = _State(sort_idx, routing.probs_TK)
-        x_ND, counts_E = self._pad(x_ND, counts_E, routing.capacity, state)
-        return x_ND, counts_E, state
+        counts_SL = counts_E.view(1, -1)
+        if self.etp_size > 1:
+            counts_SL = self._counts_over_etp(counts_SL)
+            x_ND = self._gather_over_etp(x_ND, self._rows_per_etp_rank(counts_SL).tolist(), state)
+        x_ND, counts_L = self._to_experts(x_ND, counts_SL, routing.capacity, state)
+        return x_ND, counts_L, state
 
     def combine(self, y_ND: torch.Tensor, state: _State) -> torch.Tensor:
+        return unpermute(self._from_experts(y_ND, state), state.sort_idx_N, state.probs_TK)
+
+    # -- the expert-tensor-parallel stage, shared by the local and all-to-all dispatchers
+
+    def _counts_over_etp(self, counts_SL: torch.Tensor) -> torch.Tensor:
+        """Every ETP rank's counts_SL (rows it holds from source S for local expert L), stacked
+        in ETP rank order: counts of the gathered block, sources [ETP rank][S]."""
+        return mappings.all_gather(counts_SL, self.etp_group, 0)
+
+    def _rows_per_etp_rank(self, counts_SL: torch.Tensor) -> torch.Tensor:
+        """rows_R: how many rows each ETP rank contributes, from the stacked counts."""
+        return counts_SL.view(self.etp_size, -1).sum(1)
+
+    def _gather_over_etp(self, x_nD: torch.Tensor, etp_rows: list[int], state: _State) -> torch.Tensor:
+        """x_nD (this rank's rows) -> x_ND, the rows of every ETP rank in rank order."""
+        state.etp_rows = etp_rows
+        return mappings.gather_rows_uneven(x_nD, self.etp_group, etp_rows)
+
+    def _to_experts(self, x_ND: torch.Tensor, counts_SL: torch.Tensor, capacity: Optional[int], state: _State):
+        """Rows laid out [source][local expert] -> [local expert][source] (padded to capacity
+        with --moe-pad-expert-input-to-capacity) and tokens_per_expert_L."""
+        if counts_SL.shape[0] > 1:
+            state.regroup_idx = _source_major_to_expert_major(counts_SL, x_ND.shape[0])
+            x_ND = x_ND.index_select(0, state.regroup_idx)
+        return self._pad(x_ND, counts_SL.sum(0), capacity, state)
+
+    def _from_experts(self, y_ND: torch.Tensor, state: _State) -> torch.Tensor:
+        """The mirror of `_to_experts` and `_gather_over_etp`: unpad, back to [source][local
+        expert] order, and sum the ETP ranks' partial outputs into this rank's rows."""
         y_ND = self._unpad(y_ND, state)
-        return unpermute(y_ND, state.sort_idx_N, state.probs_TK)
+        if state.regroup_idx is not None:
+            y_ND = y_ND.new_zeros(y_ND.shape).index_copy(0, state.regroup_idx, y_ND)
+        if state.etp_rows is not None:
+            y_ND = mappings.reduce_scatter_rows_uneven(y_ND, self.etp_group, state.etp_rows)
+        return y_ND
 
     def _pad(self, x_ND, counts_L, capacity, state: _State):
-        """With --moe-pad-expert-input-to-capacity, give every expert exactly `capacity` rows per source."""
+        """With --moe-pad-expert-input-to-capacity, give every expert exactly `capacity` rows per
+        source rank (EP x ETP sources, each sending at most `capacity` rows an expert)."""
         if not self.moe.pad_to_capacity:
             return x_ND, counts_L
-        per_expert = capacity * self.ep_size
+        per_expert = capacity * self.ep_size * self.etp_size
         state.pad_slot_N = pad_slots(counts_L, per_expert, x_ND.shape[0])
         padded = x_ND.new_zeros(counts_L.numel() * per_expert, x_ND.shape[1]).index_copy(0, state.pad_slot_N, x_ND)
         return padded, torch.full_like(counts_L, per_expert)
@@ -193,7 +245,8 @@ class LocalDispatcher:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Experts split over the EP group; tokens travel by all-to-all with uneven splits."""
+    """Experts split over the EP group; tokens travel by all-to-all with uneven splits, then
+    (ETP > 1) are gathered over the ETP group."""
 
     def dispatch(self, hidden_TD: torch.Tensor, routing: RouterOutput):
         EP, L = self.ep_size, self.num_local_experts
@@ -203,20 +256,20 @@ class AllToAllDispatcher(LocalDispatcher):
         counts_recv = torch.empty_like(counts_E)
         dist.all_to_all_single(counts_recv, counts_E, group=self.ep_group)
         counts_recv_RL = counts_recv.view(EP, L)
-        # The one host sync of the dispatch: all_to_all_single takes its splits as Python ints.
-        send_splits, recv_splits = torch.stack([counts_E.view(EP, L).sum(1), counts_recv_RL.sum(1)]).tolist()
+        counts_SL = self._counts_over_etp(counts_recv_RL) if self.etp_size > 1 else counts_recv_RL
+        # The one host sync of the dispatch: the collectives take their splits as Python ints.
+        splits = torch.cat([counts_E.view(EP, L).sum(1), counts_recv_RL.sum(1), self._rows_per_etp_rank(counts_SL)])
+        splits = splits.tolist()
+        send_splits, recv_splits, etp_rows = splits[:EP], splits[EP:2 * EP], splits[2 * EP:]
         x_recv = all_to_all(x_ND, recv_splits, send_splits, self.ep_group)
-        regroup_idx = _source_major_to_expert_major(counts_recv_RL, sum(recv_splits))
-        x_local = x_recv.index_select(0, regroup_idx)
-        state = _State(sort_idx, routing.probs_TK, send_splits=send_splits, recv_splits=recv_splits,
-                       regroup_idx=regroup_idx)
-        counts_L = counts_recv_RL.sum(0)
-        x_local, counts_L = self._pad(x_local, counts_L, routing.capacity, state)
+        state = _State(sort_idx, routing.probs_TK, send_splits=send_splits, recv_splits=recv_splits)
+        if self.etp_size > 1:
+            x_recv = self._gather_over_etp(x_recv, etp_rows, state)
+        x_local, counts_L = self._to_experts(x_recv, counts_SL, routing.capacity, state)
         return x_local, counts_L, state
 
     def combine(self, y_ND: torch.Tensor, state: _State) -> torch.Tensor:
-        y_local = self._unpad(y_ND, state)
-        y_recv = y_local.new_zeros(y_local.shape).index_copy(0, state.regroup_idx, y_local)
+        y_recv = self._from_experts(y_ND, state)
         y_sent = all_to_all(y_recv, state.send_splits, state.recv_splits, self.ep_group)
         return unpermute(y_sent, state.sort_idx_N, state.probs_TK)
 
@@ -234,16 +287,18 @@ def _source_major_to_expert_major(counts_RL: torch.Tensor, N: int) -> torch.Tens
 
 
 class AllGatherDispatcher(LocalDispatcher):
-    """Experts split over the EP group; every rank sees every token of the group."""
+    """Experts split over the EP group; every rank sees every token of the EP x ETP group
+    (gathered over EP, then over ETP) and computes its local experts (its slice of them) on
+    their assignments; the outputs are reduce-scattered back over ETP, then over EP."""
 
     def dispatch(self, hidden_TD: torch.Tensor, routing: RouterOutput):
-        group, L, offset = self.ep_group, self.num_local_experts, self.local_expert_offset
-        hidden_all = _AllGather.apply(hidden_TD, group)
-        probs_all = _AllGather.apply(routing.probs_TK, group)
-        idx_all = _gather_rows(routing.expert_idx_TK, group)
+        L, offset = self.num_local_experts, self.local_expert_offset
+        hidden_all = self._gather_tokens(hidden_TD)
+        probs_all = self._gather_tokens(routing.probs_TK)
+        idx_all = self._gather_tokens(routing.expert_idx_TK)
         local = (idx_all >= offset) & (idx_all < offset + L)
         if routing.keep_TK is not None:
-            local &= _gather_rows(routing.keep_TK, group)
+            local &= self._gather_tokens(routing.keep_TK)
         sort_idx, counts_L = sort_assignments(idx_all - offset, local, L)
         x_ND = permute(hidden_all, sort_idx, idx_all.shape[1])
         state = _State(sort_idx, probs_all)
@@ -252,13 +307,27 @@ class AllGatherDispatcher(LocalDispatcher):
 
     def combine(self, y_ND: torch.Tensor, state: _State) -> torch.Tensor:
         out_all = unpermute(self._unpad(y_ND, state), state.sort_idx_N, state.probs_TK)
-        return _ReduceScatter.apply(out_all, self.ep_group)
+        for group in reversed(self._token_groups()):
+            out_all = _ReduceScatter.apply(out_all, group)
+        return out_all
+
+    def _token_groups(self) -> list:
+        """The groups the tokens are gathered over, in order: EP, then ETP (when > 1)."""
+        return [self.ep_group] + ([self.etp_group] if self.etp_size > 1 else [])
+
+    def _gather_tokens(self, t_T: torch.Tensor) -> torch.Tensor:
+        """Rows of every rank of the EP x ETP group: [ETP rank][EP rank][token] (differentiable
+        for floating-point tensors)."""
+        for group in self._token_groups():
+            t_T = _AllGather.apply(t_T, group) if t_T.is_floating_point() else _gather_rows(t_T, group)
+        return t_T
 
 
-def build_dispatcher(moe: MoEConfig, ep_group=None) -> LocalDispatcher:
-    """The dispatcher for `--moe-token-dispatcher-type` over `ep_group` (None or size 1: local)."""
-    if ep_group is None or dist.get_world_size(ep_group) == 1:
-        return LocalDispatcher(moe, ep_group)
+def build_dispatcher(moe: MoEConfig, ep_group=None, etp_group=None) -> LocalDispatcher:
+    """The dispatcher for `--moe-token-dispatcher-type` over `ep_group` (None or size 1: local)
+    and `etp_group`, the ranks splitting each local expert's FFN width (None or size 1: none)."""
+    if mappings.group_size(ep_group) == 1:
+        return LocalDispatcher(moe, ep_group, etp_group)
     if moe.token_dispatcher_type == "alltoall":
-        return AllToAllDispatcher(moe, ep_group)
-    return AllGatherDispatcher(moe, ep_group)
+        return AllToAllDispatcher(moe, ep_group, etp_group)
+    return AllGatherDispatcher(moe, ep_group, etp_group)
