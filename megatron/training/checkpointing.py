@@ -5,17 +5,19 @@
         .metadata, __R_0.distcp                        torch.distributed.checkpoint shards
         common.pt                                      iteration, schedule, scaler, args, config
         rng_rank_00000.pt ...                          each rank's RNG states
-    <save>/iter_0000100/mp_rank_00[_PPP][_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
+    <save>/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   --ckpt-format torch (legacy)
 
-Model and optimizer tensors are keyed by parameter name and shaped like the parameters (see
-`megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any world size and
-expert-parallel size. The legacy files are Megatron-LM's: model tensors under Megatron-Core's
-names for `--transformer-impl` / `--moe-grouped-gemm` (`megatron_layout`), `args` with the
-attributes Megatron-LM reads to resume; any Megatron-LM legacy checkpoint loads (its layout is
-detected). With pipeline stages there is one file per (pipeline rank, expert-parallel rank), each
-model chunk's layers numbered from 0 as in Megatron-LM (`model`, or `model0`, `model1`, ...
-with virtual stages); loading renumbers them by the split the saved `args` describe, which must
-be the run's. Every file is read without running code from it (`safe_load`).
+Model and optimizer tensors are keyed by parameter name and shaped like the whole model's
+parameters in torch_dist (tensor-parallel slices gathered by the sharding table, experts sharded
+over EP; see `megatron.core.dist_checkpointing`), so a torch_dist checkpoint loads under any
+world size, tensor-, expert-tensor-, expert- and pipeline-parallel size. The legacy files are
+Megatron-LM's: each holds one (tensor-parallel rank, pipeline rank, expert-parallel rank)'s
+slices, model tensors under Megatron-Core's names for `--transformer-impl` / `--moe-grouped-gemm`
+(`megatron_layout`), `args` with the attributes Megatron-LM reads to resume; any Megatron-LM
+legacy checkpoint loads (its layout is detected). Each model chunk's layers are numbered from 0
+as in Megatron-LM (`model`, or `model0`, `model1`, ... with virtual stages); loading renumbers
+them by the split the saved `args` describe, which must be the run's, as must T and ETP. Every
+file is read without running code from it (`safe_load`).
 
 A checkpoint is written under `iter_N.tmp` and renamed when every rank has finished; the
 `latest` file moves last. A process killed during a save therefore leaves the previous
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import math
 import os
 import random
 import re
@@ -43,11 +46,14 @@ from megatron.core.config import Config
 from megatron.core.dist_checkpointing import (
     MAIN_PARAM,
     MOMENTS,
+    gather_tensor_parallel,
     load_optimizer_state_by_name,
     local_tensors,
     optimizer_state_by_name,
     shard_experts,
+    shard_tensor_parallel,
     tensor_mismatches,
+    whole_like,
 )
 from megatron.core.parallel_state import ProcessGroups
 from megatron.training import megatron_layout
@@ -78,11 +84,24 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def rank_dir_name(ep_size: int, ep_rank: int, pp_size: int = 1, pp_rank: int = 0) -> str:
-    """Megatron's rank directory (TP = 1): mp_rank_00, then _PPP with pipeline stages, then _EEE
-    with expert parallelism (mp_rank_00_001_002: pipeline rank 1, expert-parallel rank 2)."""
-    name = "mp_rank_00" if pp_size == 1 else f"mp_rank_00_{pp_rank:03d}"
+def rank_dir_name(ep_size: int, ep_rank: int, pp_size: int = 1, pp_rank: int = 0, tp_rank: int = 0) -> str:
+    """Megatron's rank directory: mp_rank_TT (tensor-parallel rank), then _PPP with pipeline
+    stages, then _EEE with expert parallelism (mp_rank_01_001_002: tensor-parallel rank 1,
+    pipeline rank 1, expert-parallel rank 2), as Megatron-LM's `get_checkpoint_name`."""
+    name = f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
     return name if ep_size == 1 else f"{name}_{ep_rank:03d}"
+
+
+def legacy_rank_files(tp_size: int, ep_size: int, etp_size: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """{(tensor-parallel rank, expert-parallel rank): (the lowest rank of a pipeline stage with
+    both, its expert-tensor-parallel rank)}: the legacy files mp_rank_TT[_PPP]_EEE of a stage, who
+    writes each, and whose expert slices it holds (dense ranks (DP, T), experts (EDP, EP, ETP),
+    innermost last). With MoE parallel folding (ETP < T) not every (TT, EEE) pair exists, as in
+    Megatron-LM. The pairs repeat every lcm(T, EP x ETP) ranks, so they do not depend on DP."""
+    out: dict[tuple[int, int], tuple[int, int]] = {}
+    for r in range(math.lcm(tp_size, ep_size * etp_size)):
+        out.setdefault((r % tp_size, (r // etp_size) % ep_size), (r, r % etp_size))
+    return out
 
 
 def is_model_entry(key: str) -> bool:
@@ -199,13 +218,16 @@ def checkpoint_args(args: Optional[argparse.Namespace], cfg: Config, state, grou
         moe_grouped_gemm=cfg.checkpoint.moe_grouped_gemm, ckpt_format=cfg.checkpoint.ckpt_format,
         make_vocab_size_divisible_by=cfg.data.make_vocab_size_divisible_by, tokenizer_type=cfg.data.tokenizer_type,
         expert_model_parallel_size=groups.ep_size, data_parallel_size=groups.dp_size, world_size=groups.world_size,
+        tensor_model_parallel_size=groups.tp_size, expert_tensor_parallel_size=groups.etp_size,
+        sequence_parallel=p.sequence_parallel and groups.tp_size > 1,
         micro_batch_size=cfg.training.micro_batch_size, global_batch_size=cfg.training.global_batch_size,
         iteration=state.iteration, consumed_train_samples=state.consumed_train_samples,
         consumed_valid_samples=getattr(state, "consumed_valid_samples", 0), skipped_train_samples=0, **pipeline)
 
 
 def tensor_state(trainer: "Trainer", cfg: Config) -> dict:
-    """{'model': {name: T}, 'optimizer': {'step': int, 'state': {name: {moment: T}}}} (local tensors)."""
+    """{'model': {name: T}, 'optimizer': {'step': int, 'state': {name: {moment: T}}}} (local
+    tensors: this rank's tensor-parallel slices and experts)."""
     out = {"model": trainer.model.state_dict()}
     if not cfg.checkpoint.no_save_optim:
         out["optimizer"] = optimizer_state_by_name(trainer.model, trainer.optimizer)
@@ -232,7 +254,8 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
         layout = megatron_layout.layout_for(cfg.checkpoint.transformer_impl, cfg.checkpoint.moe_grouped_gemm)
         _save_legacy(tmp, common, tensors, rng, groups, layout, cfg)
     else:
-        pending = _save_torch_dist(trainer, tmp, common, tensors, rng, groups, cfg.checkpoint.async_save)
+        pending = _save_torch_dist(trainer, tmp, common, tensors, rng, groups, cfg.checkpoint.async_save,
+                                   cfg.model.swiglu)
         if pending is not None:
             trainer.pending_save = (pending, root, final, tmp, trainer.state.iteration)
             print_rank_0(groups.is_main, f"  started asynchronous checkpoint of iteration {trainer.state.iteration}")
@@ -241,13 +264,22 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
     return final
 
 
+def writes_legacy_file(groups: ProcessGroups) -> bool:
+    """Whether this rank writes its legacy file: the lowest rank of its pipeline stage with its
+    tensor- and expert-parallel ranks (the other ranks with both hold the same slices)."""
+    stage = groups.world_size // groups.pp_size
+    writer, _ = legacy_rank_files(groups.tp_size, groups.ep_size, groups.etp_size)[(groups.tp_rank, groups.ep_rank)]
+    return writer == groups.rank % stage
+
+
 def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups,
                  layout: megatron_layout.Layout, cfg: Config) -> None:
-    """One file per (pipeline rank, expert-parallel rank), as Megatron-LM writes them: each model
-    chunk's layers numbered from 0 (`model`, or `model0`, `model1`, ... with virtual stages).
-    The optimizer state keeps our global parameter names."""
-    if groups.expert_dp is not None and dist.get_rank(groups.expert_dp) != 0:
-        return  # one replica of each expert-parallel shard writes
+    """One file per (tensor-parallel rank, pipeline rank, expert-parallel rank), as Megatron-LM
+    writes them, holding this rank's slices: each model chunk's layers numbered from 0 (`model`,
+    or `model0`, `model1`, ... with virtual stages). The optimizer state keeps our global
+    parameter names (and this rank's slices)."""
+    if not writes_legacy_file(groups):
+        return  # another rank holds the same slices
     pipeline = cfg.parallel.pipeline_layout(cfg.model.num_layers)
     chunks = megatron_layout.split_pipeline_chunks(tensors["model"], pipeline, groups.pp_rank,
                                                    tied_embeddings(cfg.model))
@@ -256,19 +288,25 @@ def _save_legacy(tmp: str, common: dict, tensors: dict, rng, groups: ProcessGrou
         payload["optimizer"] = tensors["optimizer"]
     if rng is not None:
         payload["rng_state"] = [rng]
-    rank_dir = os.path.join(tmp, rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank))
+    rank_dir = os.path.join(tmp, rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank,
+                                               groups.tp_rank))
     os.makedirs(rank_dir, exist_ok=True)
     _atomic_torch_save(payload, os.path.join(rank_dir, "model_optim_rng.pt"))
 
 
-def _save_torch_dist(trainer, tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups, use_async: bool):
+def _save_torch_dist(trainer, tmp: str, common: dict, tensors: dict, rng, groups: ProcessGroups, use_async: bool,
+                     swiglu: bool):
+    """Whole tensors (tensor-parallel slices gathered, identical to a T = 1 save; every TP rank
+    offers the same plain tensors and torch.distributed.checkpoint writes one copy), experts
+    sharded over EP; `common.pt` from rank 0, each rank's RNG state."""
     import torch.distributed.checkpoint as dcp
 
-    state = {"model": shard_experts(tensors["model"], groups)}
+    state = {"model": shard_experts(gather_tensor_parallel(tensors["model"], groups, swiglu), groups)}
     if "optimizer" in tensors:
         opt = tensors["optimizer"]
         common["optimizer_step"] = opt["step"]
-        state["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in moments.items()}
+        state["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in
+                                     gather_tensor_parallel(moments, groups, swiglu, lambda _, n=name: n).items()}
                               for name, moments in opt["state"].items()}
     if groups.is_main:
         _atomic_torch_save(common, os.path.join(tmp, COMMON))
@@ -349,10 +387,12 @@ def load_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups) -> N
 
 
 def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torch.nn.Module):
-    """This rank's file (its pipeline and expert-parallel rank), its chunks renumbered to global
-    layer indices by the split its `args` describe, which must be this run's."""
+    """This rank's file (its tensor-, pipeline and expert-parallel rank), its chunks renumbered to
+    global layer indices by the split its `args` describe, which must be this run's, as must its
+    tensor- and expert-tensor-parallel sizes."""
     pipeline = cfg.parallel.pipeline_layout(cfg.model.num_layers)
-    name = rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank)
+    check_legacy_tensor_parallel(directory, groups)
+    name = rank_dir_name(groups.ep_size, groups.ep_rank, pipeline.num_stages, groups.pp_rank, groups.tp_rank)
     path = os.path.join(directory, name, "model_optim_rng.pt")
     if not os.path.isfile(path):
         found = sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "mp_rank_*")))
@@ -364,6 +404,7 @@ def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torc
     if not has_model_entry(payload):
         raise CheckpointError(f"--load: {path} holds no 'model' entry; it is not a model checkpoint")
     check_compatible(payload.get("config"), cfg, directory)
+    check_legacy_tensor_parallel(directory, groups, payload.get("args"))
     try:
         saved = megatron_layout.pipeline_from_args(payload.get("args"), cfg.model.num_layers)
     except ValueError as e:
@@ -387,6 +428,38 @@ def _load_legacy(cfg: Config, groups: ProcessGroups, directory: str, model: torc
     return payload, tensors, rng
 
 
+def saved_tensor_parallel_sizes(args) -> tuple[int, int]:
+    """(T, ETP) that a legacy checkpoint's `args` record (Megatron-LM's ETP defaults to T)."""
+    T = int(getattr(args, "tensor_model_parallel_size", None) or 1)
+    return T, int(getattr(args, "expert_tensor_parallel_size", None) or T)
+
+
+def saved_tensor_parallel_size(directory: str) -> int:
+    """T of a legacy checkpoint, from its rank directory names (every tensor-parallel rank writes)."""
+    ranks = [int(m.group(1)) for m in map(re.compile(r"^mp_rank_(\d\d)(_\d\d\d){0,2}$").match, os.listdir(directory))
+             if m is not None]
+    return max(ranks, default=0) + 1
+
+
+def check_legacy_tensor_parallel(directory: str, groups: ProcessGroups, args=None) -> None:
+    """Legacy files hold one tensor-parallel rank's slices: T (from the rank directories, and the
+    saved `args` when given) and, for MoE models, ETP must be the run's; one-line CheckpointError."""
+    T = saved_tensor_parallel_size(directory)
+    ETP = None
+    if args is not None:
+        T, ETP = saved_tensor_parallel_sizes(args)
+        if not getattr(args, "num_experts", None):
+            ETP = None
+    if T != groups.tp_size:
+        raise CheckpointError(f"--load: {directory} was saved with --tensor-model-parallel-size {T}, this run has "
+                              f"{groups.tp_size}: convert it with tools/checkpoint/reshard.py "
+                              "--target-tensor-parallel-size, or save with --ckpt-format torch_dist")
+    if ETP is not None and ETP != groups.etp_size:
+        raise CheckpointError(f"--load: {directory} was saved with --expert-tensor-parallel-size {ETP}, this run "
+                              f"has {groups.etp_size}: convert it with tools/checkpoint/reshard.py "
+                              "--target-expert-tensor-parallel-size, or save with --ckpt-format torch_dist")
+
+
 def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str):
     import torch.distributed.checkpoint as dcp
 
@@ -403,21 +476,27 @@ def _load_torch_dist(trainer, cfg: Config, groups: ProcessGroups, directory: str
                               "or converted); pass --no-load-optim, or --finetune")
     # Read in fp32, whatever either side's precision: an fp32 checkpoint's weights then seed a
     # bf16 run's main parameters unrounded (bf16 values read into fp32 exactly).
-    target = {"model": shard_experts({k: _fp32_copy(v) for k, v in trainer.model.state_dict().items()}, groups)}
+    # Whole tensors (experts: this rank's, whole along the FFN), this rank's slices kept after reading.
+    swiglu = cfg.model.swiglu
+    local = {k: _fp32_copy(v) for k, v in trainer.model.state_dict().items()}
+    target = {"model": shard_experts(whole_like(local, groups, swiglu), groups)}
     check_tensor_shapes(metadata, whole_model_shapes(cfg), "model", directory)
     if want_optim:
         saved_keys = set(metadata.state_dict_metadata)
-        target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in m.items()}
+        target["optimizer"] = {name: {k: _shard_one(name, v, groups) for k, v in
+                                      whole_like(m, groups, swiglu, lambda _, n=name: n).items()}
                                for name, m in _optimizer_target(trainer, saved_keys).items()}
     try:
         dcp.load(target, storage_reader=safe_reader(directory), no_dist=groups.world_size == 1)
     except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's error is a BaseException
         raise CheckpointError(f"--load: cannot read {directory} ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); it is corrupt or incomplete") from None
-    tensors = {"model": local_tensors(target["model"])}
+    tensors = {"model": shard_tensor_parallel(local_tensors(target["model"]), groups, swiglu)}
     if want_optim:
         tensors["optimizer"] = {"step": common.get("optimizer_step", 0),
-                                "state": {n: local_tensors(m) for n, m in target["optimizer"].items()}}
+                                "state": {n: shard_tensor_parallel(local_tensors(m), groups, swiglu,
+                                                                   lambda _, n=n: n)
+                                          for n, m in target["optimizer"].items()}}
     rng_path = os.path.join(directory, f"rng_rank_{groups.rank:05d}.pt")
     rng = load_file(rng_path) if os.path.isfile(rng_path) else None
     return common, tensors, rng

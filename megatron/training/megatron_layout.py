@@ -318,9 +318,10 @@ def merge_pipeline_chunks(chunks: list[Mapping[str, Any]], pipeline: "PipelineLa
 def megatron_args(args: Optional[argparse.Namespace], model: "ModelConfig", **run: Any) -> argparse.Namespace:
     """The `args` entry of a checkpoint: a copy of the flag namespace `args` (or an empty one) with
     what Megatron-LM reads from a checkpoint set to the values in effect, under Megatron's names:
-    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), TP = 1, P = 1 unless
-    the run values given as keywords say otherwise (`pipeline_args`; parallel sizes, iteration,
-    `consumed_train_samples`, ...)."""
+    the model shape (its `check_checkpoint_args` and `--use-checkpoint-args`), T = ETP = 1, P = 1
+    unless the run values given as keywords say otherwise (`pipeline_args`; parallel sizes,
+    `sequence_parallel`, iteration, `consumed_train_samples`, ...). `padded_vocab_size` is the
+    whole vocabulary (already padded for the run's T)."""
     moe = model.moe
     saved = argparse.Namespace(**vars(args)) if args is not None else argparse.Namespace()
     vars(saved).update(
@@ -339,7 +340,7 @@ def megatron_args(args: Optional[argparse.Namespace], model: "ModelConfig", **ru
         num_experts=moe and moe.num_experts, moe_ffn_hidden_size=moe and moe.ffn_hidden_size,
         moe_layer_freq=list(moe.layer_pattern) if moe else 1,
         moe_router_topk=moe.router_topk if moe else getattr(saved, "moe_router_topk", 2),
-        tensor_model_parallel_size=1, context_parallel_size=1, expert_tensor_parallel_size=1,
+        tensor_model_parallel_size=1, context_parallel_size=1, expert_tensor_parallel_size=1, sequence_parallel=False,
         **PIPELINE_ARGS_P1,
     )
     vars(saved).update(run)

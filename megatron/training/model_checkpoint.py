@@ -4,12 +4,14 @@
     <root>/iter_0000100/mp_rank_00/model_optim_rng.pt         EP = 1
     <root>/iter_0000100/mp_rank_00_{000,001,...}/model_optim_rng.pt   expert-parallel ranks
     <root>/iter_0000100/mp_rank_00_PPP[_EEE]/model_optim_rng.pt      pipeline (x expert) ranks
+    <root>/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt    tensor-parallel rank TT's slices
 
 Each file holds at least `model` (the rank's state dict, in one of Megatron-Core's layouts or
 ours: `megatron_layout`), `args` (the flag namespace) and `iteration`; ours also `config`
 (`dataclasses.asdict` of the run's `Config`). Megatron-LM's own checkpoints have no `config`:
 the model is rebuilt from `args`. `load_model_checkpoint` merges pipeline stages (each file's
 chunk-local layer numbers placed by the split its `args` describe) and expert-parallel shards
+and tensor-parallel slices (joined by the sharding table, `megatron.core.tensor_parallel.sharding`)
 into one whole-model state dict in our names. `save_model_checkpoint` writes a converted checkpoint in a
 Megatron-Core layout: iteration 0, tracker `release`, no optimizer state (load it for training
 with `--finetune`, or `--no-load-optim --no-load-rng`). Files are read with `safe_load`.
@@ -33,6 +35,7 @@ import torch
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.core.optimizer import is_expert_param
 from megatron.core.pipeline_parallel.layout import PipelineLayout
+from megatron.core.tensor_parallel.sharding import tensor_split
 from megatron.training import megatron_layout
 from megatron.training.atomic_dir import atomic_directory
 from megatron.training.checkpointing import (
@@ -42,6 +45,7 @@ from megatron.training.checkpointing import (
     checkpoint_dir_for,
     is_own_optimizer_state,
     is_torch_dist,
+    legacy_rank_files,
     iteration_dir,
     has_model_entry,
     is_model_entry,
@@ -49,6 +53,7 @@ from megatron.training.checkpointing import (
     legacy_model_entries,
     rank_dir_name,
     read_tracker,
+    saved_tensor_parallel_sizes,
 )
 from megatron.training.megatron_layout import Layout
 from megatron.training.safe_load import load_file, read_dcp_metadata, safe_reader, save_file
@@ -130,49 +135,52 @@ def _checkpoint_dir(root: str) -> tuple[str, int]:
     return directory, iteration
 
 
-def _rank_dirs(directory: str) -> dict[str, list[int]]:
-    """{`mp_rank_00[_NNN][_NNN]` directory name: its one or two rank numbers} (TP = 1 only)."""
+def _rank_dirs(directory: str) -> dict[str, tuple[int, list[int]]]:
+    """{`mp_rank_TT[_NNN][_NNN]` directory name: (tensor-parallel rank, its other one or two rank numbers)}."""
     names = {}
     for name in os.listdir(directory):
         match = _RANK_DIR.match(name)
-        if match is None:
-            continue
-        if match.group(1) != "00":
-            raise ValueError(f"{directory}/{name}: tensor-parallel checkpoints are not supported")
-        names[name] = [int(g) for g in match.groups()[1:] if g is not None]
+        if match is not None:
+            names[name] = (int(match.group(1)), [int(g) for g in match.groups()[1:] if g is not None])
     if not names:
-        raise ValueError(f"{directory} has no mp_rank_00* directories")
+        raise ValueError(f"{directory} has no mp_rank_* directories")
     return names
 
 
 def _first_rank_file(directory: str) -> str:
-    """model_optim_rng.pt of pipeline rank 0, expert-parallel rank 0 (whose args describe the split)."""
+    """model_optim_rng.pt of tensor-, pipeline and expert-parallel rank 0 (whose args describe the split)."""
     path = os.path.join(directory, min(_rank_dirs(directory)), MODEL_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{path} is missing")
     return path
 
 
-def _rank_files(directory: str, pp_size: int) -> list[list[str]]:
-    """model_optim_rng.pt of each rank: files[pp_rank][ep_rank] (TP = 1 only).
+def _rank_files(directory: str, pp_size: int, tp_size: int = 1) -> dict[tuple[int, int, int], str]:
+    """model_optim_rng.pt of each rank directory: {(tp_rank, pp_rank, ep_rank): path}.
 
-    `mp_rank_00_NNN` is a pipeline rank when `pp_size` > 1 (the saved args say so), else an
-    expert-parallel rank; `mp_rank_00_PPP_EEE` is both."""
-    ranks = {}
-    for name, idx in _rank_dirs(directory).items():
+    `mp_rank_TT_NNN` is a pipeline rank when `pp_size` > 1 (the saved args say so), else an
+    expert-parallel rank; `mp_rank_TT_PPP_EEE` is both. Every stage needs every tensor-parallel
+    rank and every expert-parallel rank; not every (TT, EEE) pair exists when the expert-parallel
+    group spans tensor-parallel ranks (MoE parallel folding)."""
+    files = {}
+    for name, (tp, idx) in _rank_dirs(directory).items():
         if len(idx) == 2 and pp_size == 1:
             raise ValueError(f"{directory}/{name}: a pipeline-parallel rank, but the checkpoint's args say "
                              "pipeline_model_parallel_size 1")
         pp, ep = (idx + [0, 0])[:2] if pp_size > 1 else (0, (idx or [0])[0])
-        ranks[(pp, ep)] = name
-    P = max(pp for pp, _ in ranks) + 1
-    E = max(ep for _, ep in ranks) + 1
-    expected = {(p, e) for p in range(P) for e in range(E)}
-    if set(ranks) != expected:
-        missing = sorted(expected - set(ranks))
-        raise ValueError(f"{directory}: rank directories are incomplete (missing (pipeline, expert) ranks {missing})")
-    files = [[os.path.join(directory, ranks[(p, e)], MODEL_FILE) for e in range(E)] for p in range(P)]
-    for path in (f for row in files for f in row):
+        files[(tp, pp, ep)] = os.path.join(directory, name, MODEL_FILE)
+    P = max(k[1] for k in files) + 1
+    E = max(k[2] for k in files) + 1
+    for pp in range(P):
+        tps = {k[0] for k in files if k[1] == pp}
+        eps = {k[2] for k in files if k[1] == pp}
+        missing = ([f"tensor-parallel rank {t}" for t in range(tp_size) if t not in tps]
+                   + [f"expert-parallel rank {e}" for e in range(E) if e not in eps])
+        if missing or max(tps) >= tp_size:
+            what = ", ".join(missing) or f"tensor-parallel ranks {sorted(tps)} (args say {tp_size})"
+            raise ValueError(f"{directory}: rank directories of pipeline rank {pp} are incomplete or unexpected "
+                             f"({what})")
+    for path in files.values():
         if not os.path.isfile(path):
             raise ValueError(f"{path} is missing")
     return files
@@ -181,20 +189,47 @@ def _rank_files(directory: str, pp_size: int) -> list[list[str]]:
 def merge_expert_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """One EP = 1 state dict from each expert-parallel rank's: expert tensors concatenated along
     the expert dim in rank order; every other tensor must be identical on all ranks."""
-    first = shards[0]
-    if len(shards) == 1:
-        return dict(first)
-    for rank, shard in enumerate(shards[1:], start=1):
+    return merge_rank_shards({(0, e): s for e, s in enumerate(shards)}, 1, len(shards), 1, swiglu=False)
+
+
+def merge_rank_shards(shards: dict[tuple[int, int], dict[str, torch.Tensor]], tp_size: int, ep_size: int,
+                      etp_size: int, swiglu: bool, etp_of=lambda tp, ep: 0,
+                      param_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """One whole state dict (T = ETP = EP = 1) from one pipeline stage's rank states
+    {(tp_rank, ep_rank): state} (our names, each rank's slices): tensors the sharding table splits
+    are joined over the tensor-parallel ranks (experts: over the expert-tensor-parallel ranks
+    `etp_of(tp, ep)` of each expert-parallel rank), expert tensors concatenated along the expert
+    dimension in expert-parallel rank order; every other tensor must be identical on all ranks.
+    `param_name(key)` is a key's parameter name (for keys such as 'name/exp_avg')."""
+    first_key = min(shards)
+    first = shards[first_key]
+    for key, shard in shards.items():
         if set(shard) != set(first):
-            raise ValueError(f"expert-parallel rank {rank} holds different tensors than rank 0")
+            raise ValueError(f"rank (tensor-parallel {key[0]}, expert-parallel {key[1]}) holds different tensors "
+                             f"than rank (tensor-parallel {first_key[0]}, expert-parallel {first_key[1]})")
+    dense = {t: shards[min(k for k in shards if k[0] == t)] for t in range(tp_size)}
+    experts = {}
+    for k in sorted(shards):
+        experts.setdefault((k[1], etp_of(*k)), shards[k])
+    missing = [f"expert-parallel rank {e}, expert-tensor-parallel rank {j}"
+               for e in range(ep_size) for j in range(etp_size) if (e, j) not in experts]
+    if missing:
+        raise ValueError(f"no rank file holds the experts of {missing[0]}")
     merged = {}
     for name, tensor in first.items():
-        if is_expert_param(name):
-            merged[name] = torch.cat([s[name] for s in shards], dim=0)
+        pname = param_name(name)
+        split = tensor_split(pname, swiglu)
+        if is_expert_param(pname):
+            per_ep = [[experts[(e, j)][name] for j in range(etp_size)] for e in range(ep_size)]
+            parts = [split.unshard(s) if split is not None else s[0] for s in per_ep]
+            merged[name] = parts[0] if ep_size == 1 else torch.cat(parts, dim=0)
+        elif split is not None:
+            merged[name] = split.unshard([dense[t][name] for t in range(tp_size)])
         else:
-            for rank, shard in enumerate(shards[1:], start=1):
+            for key, shard in shards.items():
                 if not torch.equal(shard[name], tensor):
-                    raise ValueError(f"{name} differs between expert-parallel ranks 0 and {rank}")
+                    raise ValueError(f"{name} differs between rank (tensor-parallel {first_key[0]}, expert-parallel "
+                                     f"{first_key[1]}) and rank (tensor-parallel {key[0]}, expert-parallel {key[1]})")
             merged[name] = tensor
     return merged
 
@@ -263,8 +298,9 @@ class TrainingCheckpoint:
 
 def load_training_checkpoint(root: str) -> TrainingCheckpoint:
     """Read either format into one whole model with global names: `torch` legacy files of every
-    pipeline and expert-parallel rank are merged (ours or Megatron-LM's: each chunk's local layer
-    numbers placed by the split the saved args describe); `torch_dist` is read whole."""
+    tensor-, pipeline and expert-parallel rank are merged (ours or Megatron-LM's: each chunk's
+    local layer numbers placed by the split the saved args describe, tensor-parallel slices
+    joined by the sharding table); `torch_dist` is read whole."""
     directory, iteration = _checkpoint_dir(root)
     if os.path.isfile(os.path.join(directory, ".metadata")):
         ckpt = _load_torch_dist_whole(directory)
@@ -272,38 +308,53 @@ def load_training_checkpoint(root: str) -> TrainingCheckpoint:
         return ckpt
     head_path = _first_rank_file(directory)
     head = _load_payload(head_path)  # read once: its args say how the other rank directories divide
-    pp_size = int(getattr(head.get("args"), "pipeline_model_parallel_size", 1) or 1)
-    paths = _rank_files(directory, pp_size)
-    payloads = [[head if path == head_path else _load_payload(path) for path in row] for row in paths]
+    args = head.get("args")
+    pp_size = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    tp_size, etp_size = saved_tensor_parallel_sizes(args)
+    paths = _rank_files(directory, pp_size, tp_size)
+    payloads = {k: head if path == head_path else _load_payload(path) for k, path in paths.items()}
     common = {k: v for k, v in head.items()
               if k not in ("optimizer", "rng_state") and not is_model_entry(k)}
     common.setdefault("iteration", iteration)
     pipeline = saved_pipeline(common)
-    if pipeline.num_stages != len(paths):
-        raise ValueError(f"{directory} has {len(paths)} pipeline rank(s) but its args say "
+    P, EP = max(k[1] for k in paths) + 1, max(k[2] for k in paths) + 1
+    if pipeline.num_stages != P:
+        raise ValueError(f"{directory} has {P} pipeline rank(s) but its args say "
                          f"pipeline_model_parallel_size {pipeline.num_stages}")
-    tied = _saved_tied(common)
-    rank_chunks = [[legacy_model_chunks(p, pipeline.num_chunks, path) for p, path in zip(row, row_paths)]
-                   for row, row_paths in zip(payloads, paths)]
-    local_experts = _router_rows([c for row in rank_chunks for chunks in row for c in chunks]) // len(paths[0])
+    tied, swiglu = _saved_tied(common), _saved_swiglu(common)
+    ranks = legacy_rank_files(tp_size, EP, etp_size)
+    etp_of = lambda tp, ep: ranks.get((tp, ep), (0, 0))[1]  # noqa: E731
+    chunks = {k: legacy_model_chunks(p, pipeline.num_chunks, paths[k]) for k, p in payloads.items()}
+    local_experts = _router_rows([c for cs in chunks.values() for c in cs]) // EP
     stages, layouts, stage_moments = [], [], []
-    for pp, (row, row_paths, row_chunks) in enumerate(zip(payloads, paths, rank_chunks)):
-        shards = []
-        for chunks, path in zip(row_chunks, row_paths):
-            merged = (chunks[0] if pipeline.num_stages == 1 else
-                      megatron_layout.merge_pipeline_chunks(chunks, pipeline, pp, tied, path))
-            state, layout = megatron_layout.from_megatron(merged, local_experts, path)
-            shards.append(state)
+    own_optimizer = is_own_optimizer_state(head.get("optimizer"))
+    for pp in range(P):
+        keys = sorted(k for k in paths if k[1] == pp)
+        shards = {}
+        for k in keys:
+            merged = (chunks[k][0] if pipeline.num_stages == 1 else
+                      megatron_layout.merge_pipeline_chunks(chunks[k], pipeline, pp, tied, paths[k]))
+            shards[(k[0], k[2])], layout = megatron_layout.from_megatron(merged, local_experts, paths[k])
             layouts.append(layout)
-        stages.append(merge_expert_shards(shards))
-        if is_own_optimizer_state(head.get("optimizer")):
-            stage_moments.append(merge_expert_shards([_flatten_moments(p["optimizer"]["state"]) for p in row]))
+        stages.append(merge_rank_shards(shards, tp_size, EP, etp_size, swiglu, etp_of))
+        if own_optimizer:
+            moments = {(k[0], k[2]): _flatten_moments(payloads[k]["optimizer"]["state"]) for k in keys}
+            stage_moments.append(merge_rank_shards(moments, tp_size, EP, etp_size, swiglu, etp_of,
+                                                   lambda key: key.rsplit("/", 1)[0]))
     model = _union_of_stages(stages)
     optimizer = None
     if stage_moments:
         optimizer = {"step": head["optimizer"]["step"], "state": _unflatten_moments(_union_of_stages(stage_moments))}
     layout = next((lay for lay in layouts if lay.experts != "sequential"), layouts[0])
     return TrainingCheckpoint(common, model, optimizer, layout, pipeline)
+
+
+def _saved_swiglu(common: dict) -> bool:
+    """Whether the checkpoint's FFNs are SwiGLU (fc1 = [gate; up], split per half under TP)."""
+    config, args = common.get("config"), common.get("args")
+    if config:
+        return bool(config.get("model", config).get("swiglu", False))
+    return bool(getattr(args, "swiglu", False))
 
 
 def _flatten_moments(state: dict) -> dict[str, torch.Tensor]:
@@ -359,6 +410,54 @@ def split_expert_shards(state: dict[str, torch.Tensor], ep_size: int) -> list[di
     return shards
 
 
+def split_rank_shards(state: dict[str, torch.Tensor], tp_size: int, ep_size: int, etp_size: int, swiglu: bool,
+                      param_name=lambda key: key) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """Inverse of `merge_rank_shards`: {(tp_rank, ep_rank): that legacy file's state} for the files
+    of a stage (`legacy_rank_files`): tensor-parallel rank t's slices of the tensors the sharding
+    table splits, expert-parallel rank e's experts, sliced for the file's expert-tensor-parallel rank."""
+    experts = split_expert_shards(state, ep_size)
+    out = {}
+    for (t, e), (_, j) in sorted(legacy_rank_files(tp_size, ep_size, etp_size).items()):
+        shard = {}
+        for name, tensor in experts[e].items():
+            pname = param_name(name)
+            split = tensor_split(pname, swiglu)
+            if split is None:
+                shard[name] = tensor
+            elif split.expert:
+                shard[name] = split.shard(tensor, j, etp_size)
+            else:
+                shard[name] = split.shard(tensor, t, tp_size)
+        out[(t, e)] = shard
+    return out
+
+
+def target_tensor_parallel(ckpt: TrainingCheckpoint, tp_size: Optional[int],
+                           etp_size: Optional[int] = None) -> tuple[int, int]:
+    """(T, ETP) to write: the checkpoint's own for None; ETP defaults to the checkpoint's at the
+    same T, else 1 when the checkpoint's is 1, else T (Megatron's default). ValueError naming
+    --target-tensor-parallel-size / --target-expert-tensor-parallel-size when they do not divide
+    the model's heads, query groups, FFN widths and padded vocabulary."""
+    source_T, source_ETP = saved_tensor_parallel_sizes(ckpt.common.get("args"))
+    T = source_T if tp_size is None else tp_size
+    if etp_size is None:
+        etp_size = source_ETP if T == source_T else (1 if source_ETP == 1 else T)
+    swiglu = _saved_swiglu(ckpt.common)
+    config = ckpt.common.get("config")
+    model = config.get("model", config) if config else vars(ckpt.common.get("args") or argparse.Namespace())
+    for key, what in (("num_attention_heads", "attention heads"), ("num_query_groups", "query groups")):
+        if model.get(key) and model[key] % T:
+            raise ValueError(f"--target-tensor-parallel-size {T} does not divide the {model[key]} {what}")
+    for name, t in ckpt.model.items():
+        split = tensor_split(name, swiglu)
+        size, flag = (etp_size, "--target-expert-tensor-parallel-size") if split is not None and split.expert else \
+            (T, "--target-tensor-parallel-size")
+        width = None if split is None else t.shape[split.dim] // (2 if split.kind == "swiglu" else 1)
+        if width is not None and width % size:
+            raise ValueError(f"{flag} {size} does not divide {name} (size {width} along dimension {split.dim})")
+    return T, etp_size
+
+
 def legacy_layout(ckpt: TrainingCheckpoint) -> Layout:
     """The Megatron-Core layout legacy output keeps: the input's, or what its flags write."""
     if ckpt.layout is not None and ckpt.layout.experts != "native":
@@ -380,15 +479,21 @@ def target_pipeline(ckpt: TrainingCheckpoint, pp_size: Optional[int]) -> Pipelin
         raise ValueError(f"--target-pipeline-parallel-size {pp_size}: {e}") from None
 
 
-def _retargeted_common(ckpt: TrainingCheckpoint, pipeline: PipelineLayout, ep_size: Optional[int]) -> dict:
-    """`ckpt.common` with the args (and our config) describing the new pipeline split and EP size."""
+def _retargeted_common(ckpt: TrainingCheckpoint, pipeline: PipelineLayout, ep_size: Optional[int],
+                       tensor_parallel: Optional[tuple[int, int]] = None) -> dict:
+    """`ckpt.common` with the args (and our config) describing the new pipeline split, EP size
+    and (T, ETP)."""
     common = dict(ckpt.common)
     same = pipeline == (ckpt.pipeline or saved_pipeline(common))
-    if same and ep_size is None:
+    if same and ep_size is None and tensor_parallel is None:
         return common
     changes = {} if same else megatron_layout.pipeline_args(pipeline)
     if ep_size is not None:
         changes["expert_model_parallel_size"] = ep_size
+    if tensor_parallel is not None:
+        changes["tensor_model_parallel_size"], changes["expert_tensor_parallel_size"] = tensor_parallel
+        if tensor_parallel[0] == 1:
+            changes["sequence_parallel"] = False
     if common.get("args") is not None:
         common["args"] = argparse.Namespace(**{**vars(common["args"]), **changes})
     if isinstance(common.get("config"), dict) and isinstance(common["config"].get("parallel"), dict):
@@ -399,37 +504,43 @@ def _retargeted_common(ckpt: TrainingCheckpoint, pipeline: PipelineLayout, ep_si
 
 
 def save_training_checkpoint(root: str, ckpt: TrainingCheckpoint, ckpt_format: str, ep_size: int = 1,
-                             pp_size: Optional[int] = None) -> str:
-    """Write `ckpt` into the new directory `root` (atomically) as `torch_dist` (loads at any
-    layout) or `torch` legacy files for `pp_size` pipeline ranks (None: the checkpoint's own split)
-    times `ep_size` expert-parallel ranks (in `legacy_layout`), with Megatron's local layer numbers
-    per model chunk. The saved args describe the new split. RNG states are not carried over: they
-    belong to the old layout's ranks."""
+                             pp_size: Optional[int] = None, tp_size: Optional[int] = None,
+                             etp_size: Optional[int] = None) -> str:
+    """Write `ckpt` into the new directory `root` (atomically) as `torch_dist` (whole tensors,
+    loads at any layout) or `torch` legacy files for `pp_size` pipeline ranks (None: the
+    checkpoint's own split) times the (tensor-parallel rank, expert-parallel rank) pairs of
+    `tp_size` x `ep_size` (x `etp_size`; `target_tensor_parallel` gives the defaults), each with
+    its slices (in `legacy_layout`), with Megatron's local layer numbers per model chunk. The
+    saved args describe the new layout. RNG states are not carried over: they belong to the old
+    layout's ranks."""
     iteration = int(ckpt.common.get("iteration", 0))
     pipeline = target_pipeline(ckpt, pp_size)
-    tied = _saved_tied(ckpt.common)
+    tensor_parallel = target_tensor_parallel(ckpt, tp_size, etp_size)
+    tied, swiglu = _saved_tied(ckpt.common), _saved_swiglu(ckpt.common)
     with atomic_directory(root) as tmp:
         directory = iteration_dir(tmp, iteration)
         os.makedirs(directory)
         if ckpt_format == "torch_dist":
             _save_torch_dist_whole(directory, TrainingCheckpoint(
-                _retargeted_common(ckpt, pipeline, None), ckpt.model, ckpt.optimizer, ckpt.layout, pipeline))
+                _retargeted_common(ckpt, pipeline, None, tensor_parallel), ckpt.model, ckpt.optimizer, ckpt.layout,
+                pipeline))
         else:
-            common = _retargeted_common(ckpt, pipeline, ep_size)
-            models = split_expert_shards(ckpt.model, ep_size)
-            moments = (split_expert_shards(_flatten_moments(ckpt.optimizer["state"]), ep_size)
-                       if ckpt.optimizer else [None] * ep_size)
+            T, ETP = tensor_parallel
+            common = _retargeted_common(ckpt, pipeline, ep_size, tensor_parallel)
+            models = split_rank_shards(ckpt.model, T, ep_size, ETP, swiglu)
+            moments = (split_rank_shards(_flatten_moments(ckpt.optimizer["state"]), T, ep_size, ETP, swiglu,
+                                         lambda key: key.rsplit("/", 1)[0]) if ckpt.optimizer else {})
             layout = legacy_layout(ckpt)
             for pp in range(pipeline.num_stages):
-                for r in range(ep_size):
-                    chunks = megatron_layout.split_pipeline_chunks(models[r], pipeline, pp, tied)
+                for (t, r), model in models.items():
+                    chunks = megatron_layout.split_pipeline_chunks(model, pipeline, pp, tied)
                     payload = {**common, **legacy_model_entries([megatron_layout.to_megatron(c, layout)
                                                                  for c in chunks])}
                     if ckpt.optimizer:
-                        state = {name: m for name, m in _unflatten_moments(moments[r]).items()
+                        state = {name: m for name, m in _unflatten_moments(moments[(t, r)]).items()
                                  if megatron_layout.chunk_of(name, pipeline, pp, tied) is not None}
                         payload["optimizer"] = {"step": ckpt.optimizer["step"], "state": state}
-                    name = rank_dir_name(ep_size, r, pipeline.num_stages, pp)
+                    name = rank_dir_name(ep_size, r, pipeline.num_stages, pp, t)
                     os.makedirs(os.path.join(directory, name))
                     save_file(payload, os.path.join(directory, name, MODEL_FILE))
         with open(os.path.join(tmp, TRACKER), "w") as f:

@@ -1,10 +1,13 @@
 """Checkpoint state in a layout-free form, and its sharded view for torch.distributed.checkpoint.
 
 Everything is keyed by parameter name and shaped like the parameter, whatever the parallel
-layout: optimizer moments are gathered out of the distributed optimizer's flat shards, and
+layout: optimizer moments are gathered out of the distributed optimizer's flat shards, tensor-
+parallel slices are gathered into whole tensors by the sharding table
+(`megatron.core.tensor_parallel.sharding`; experts over the expert-tensor-parallel group), and
 expert tensors (leading dimension = local experts) become DTensors sharded over the
-expert-parallel mesh dimension, so that a checkpoint saved at one world size and EP size loads
-at another: torch.distributed.checkpoint reads each rank's slice of the global tensors.
+expert-parallel mesh dimension, so that a checkpoint saved at one world size, T, ETP and EP size
+loads at another: torch.distributed.checkpoint reads each rank's slice of the global tensors,
+and `shard_tensor_parallel` keeps this rank's tensor-parallel slice.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import nn
 
 from megatron.core.optimizer import is_expert_param
 from megatron.core.parallel_state import ProcessGroups
+from megatron.core.tensor_parallel.sharding import TensorSplit, tensor_split
 
 if TYPE_CHECKING:
     from megatron.core.distributed import Optimizer
@@ -92,17 +96,77 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: "Optimizer", saved
 
 def shard_experts(tensors: dict[str, torch.Tensor], groups: ProcessGroups) -> dict:
     """Wrap expert tensors as DTensors sharded (dim 0) over the EP mesh dimension and replicated
-    over expert-data-parallel ranks; other tensors stay plain (replicated)."""
+    over the other dimensions of the expert mesh ("expert_dp", and "etp": expert tensors here
+    are whole along their FFN dimension, see `gather_tensor_parallel`); other tensors stay plain
+    (replicated)."""
     if groups.ep_size == 1:
         return dict(tensors)
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    names = groups.mesh.mesh_dim_names
+    placements = [Shard(0) if dim == "ep" else Replicate() for dim in names]
     out = {}
     for name, t in tensors.items():
         if is_expert_param(name):
-            out[name] = DTensor.from_local(t, groups.mesh, [Replicate(), Shard(0)], run_check=False)
+            out[name] = DTensor.from_local(t, groups.mesh, placements, run_check=False)
         else:
             out[name] = t
+    return out
+
+
+def _split_of(name: str, swiglu: bool, groups: ProcessGroups) -> tuple[Optional[TensorSplit], Optional[dist.ProcessGroup], int, int]:
+    """(split, group, rank, size) of parameter `name` on this rank: the tensor-parallel group for
+    dense tensors, the expert-tensor-parallel group for experts; split None when replicated."""
+    split = tensor_split(name, swiglu)
+    if split is None:
+        return None, None, 0, 1
+    group = groups.etp if split.expert else groups.tp
+    if group is None or dist.get_world_size(group) == 1:
+        return None, None, 0, 1
+    return split, group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather_tensor_parallel(tensors: dict[str, torch.Tensor], groups: ProcessGroups, swiglu: bool,
+                           param_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """Whole tensors from this rank's tensor-parallel slices: each tensor that the sharding table
+    splits is all-gathered over `groups.tp` (experts: `groups.etp`) and joined with
+    `TensorSplit.unshard`; experts stay this rank's experts (whole along their FFN dimension).
+    `param_name(key)` is the parameter name of a key (for keys such as 'name/exp_avg').
+    Collective over the TP and ETP groups: every rank calls it with the same keys in the same order."""
+    out = {}
+    for key, t in tensors.items():
+        split, group, _, size = _split_of(param_name(key), swiglu, groups)
+        if split is None:
+            out[key] = t
+            continue
+        local = t.contiguous()
+        parts = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(parts, local, group=group)
+        out[key] = split.unshard(parts)
+    return out
+
+
+def shard_tensor_parallel(tensors: dict[str, torch.Tensor], groups: ProcessGroups, swiglu: bool,
+                          param_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """Inverse of `gather_tensor_parallel`: this rank's slice of each whole tensor (no communication)."""
+    out = {}
+    for key, t in tensors.items():
+        split, _, rank, size = _split_of(param_name(key), swiglu, groups)
+        out[key] = t if split is None else split.shard(t, rank, size)
+    return out
+
+
+def whole_like(tensors: dict[str, torch.Tensor], groups: ProcessGroups, swiglu: bool,
+               param_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """Zero tensors shaped like the whole tensors `gather_tensor_parallel` would return (the
+    split dimension times the group size), to read a checkpoint into."""
+    out = {}
+    for key, t in tensors.items():
+        split, _, _, size = _split_of(param_name(key), swiglu, groups)
+        shape = list(t.shape)
+        if split is not None:
+            shape[split.dim] *= size
+        out[key] = torch.zeros(shape, dtype=t.dtype, device=t.device)
     return out
 
 
