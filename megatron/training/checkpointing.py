@@ -144,22 +144,26 @@ def _atomic_torch_save(obj, path: str) -> None:
         torch.save(obj, f)
 
 
-def rng_state() -> dict:
+def rng_state(tracker=None) -> dict:
+    """This rank's RNG states, Megatron-LM's keys; `tracker`: the model's tensor-parallel dropout
+    stream (`TensorParallelRNG`, None below T = 2), saved under `rng_tracker_states`."""
     return {
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
         "torch_rng_state": torch.get_rng_state(),
         "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker_states": {},
+        "rng_tracker_states": tracker.state_dict() if tracker is not None else {},
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, tracker=None) -> None:
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
     torch.set_rng_state(state["torch_rng_state"])
     if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
+    if tracker is not None:
+        tracker.load_state_dict(state.get("rng_tracker_states") or {})
 
 
 def read_tracker(root: str, flag: str = "--load") -> Optional[int]:
@@ -249,7 +253,7 @@ def save_checkpoint(trainer: "Trainer", cfg: Config, groups: ProcessGroups, args
     _barrier(groups)
     common = common_state(trainer, cfg, args)
     tensors = tensor_state(trainer, cfg)  # collective under the distributed optimizer
-    rng = None if cfg.checkpoint.no_save_rng else rng_state()
+    rng = None if cfg.checkpoint.no_save_rng else rng_state(trainer.model.tp.rng)
     if cfg.checkpoint.ckpt_format == "torch":
         layout = megatron_layout.layout_for(cfg.checkpoint.transformer_impl, cfg.checkpoint.moe_grouped_gemm)
         _save_legacy(tmp, common, tensors, rng, groups, layout, cfg)
@@ -617,4 +621,4 @@ def restore_training_state(trainer: "Trainer", cfg: Config, common: dict, optimi
         if trainer.scaler is not None and "grad_scaler" in common:
             trainer.scaler.load_state_dict(common["grad_scaler"])
     if not ck.no_load_rng and rng is not None:
-        set_rng_state(rng)
+        set_rng_state(rng, trainer.model.tp.rng)

@@ -7,7 +7,8 @@ run resumes exactly (each rank's RNG state restored). Legacy `--ckpt-format torc
 Megatron's mp_rank_TT files with each rank's slices (also folded: T = 2 x EP = 2 on two ranks
 writes mp_rank_00_000 and mp_rank_01_001), reshards to T = 1 (and back) equal to the files the
 other T writes, converts to Hugging Face as the T = 1 files do, and a T = 1 run refuses the T = 2
-files in one line. Expert tensors are tested at --expert-tensor-parallel-size 1.
+files in one line. torch_dist also moves between EP = 2 and T = ETP = 2 (experts' FFN split);
+the legacy files are tested at --expert-tensor-parallel-size 1.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ COMMON = ("--global-batch-size 8 --micro-batch-size 2 --train-iters 5 --lr-warmu
           "--moe-z-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall --use-distributed-optimizer")
 TP2 = "--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1"
 EP2 = "--expert-model-parallel-size 2"
+ETP2 = "--tensor-model-parallel-size 2 --sequence-parallel"  # --expert-tensor-parallel-size defaults to T
 SIZES = {"--tensor-model-parallel-size": 1, "--expert-model-parallel-size": 1, "--expert-tensor-parallel-size": None}
 
 
@@ -66,6 +68,9 @@ def _resume_runs(rank: int, world: int, root: str) -> dict:
     runs["tp2_to_ep2"] = _pretrain(f"{EP2} --load {root}/tp2", world)
     _pretrain(f"{EP2} --save {root}/ep2 --exit-interval 3", world)
     runs["ep2_to_tp2"] = _pretrain(f"{TP2} --load {root}/ep2", world)
+    runs["ep2_to_etp2"] = _pretrain(f"{ETP2} --load {root}/ep2", world)  # experts' FFN split over ETP = T = 2
+    _pretrain(f"{ETP2} --save {root}/etp2 --exit-interval 3", world)
+    runs["etp2_to_ep2"] = _pretrain(f"{EP2} --load {root}/etp2", world)
     dropout = f"{TP2} --hidden-dropout 0.1"
     runs["tp2_full"] = _pretrain(dropout, world)
     for fmt in ("torch_dist", "torch"):
@@ -85,6 +90,8 @@ def test_torch_dist_across_tensor_and_expert_parallel(tmp_path):
     full = _pretrain(f"--save {tmp_path}/one --save-interval 3")  # one process, uninterrupted
     _close(runs["tp2_to_ep2"], full)
     _close(runs["ep2_to_tp2"], full)
+    _close(runs["ep2_to_etp2"], full)
+    _close(runs["etp2_to_ep2"], full)
     assert runs["tp2_resumed_torch_dist"] == runs["tp2_full"]
     assert runs["tp2_resumed_torch"] == runs["tp2_full"]
     # Every whole tensor saved at T = 2 is the one-process run's (up to rounding; a misplaced
