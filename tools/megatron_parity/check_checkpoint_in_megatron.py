@@ -191,9 +191,10 @@ def megatron_config(experts: str, **overrides):
 
 
 def megatron_model(experts: str, cfg=None, tied: bool = False, pre_process: bool = True, post_process: bool = True,
-                   vp_stage=None):
+                   vp_stage=None, vocab_size=None):
     """Megatron-Core's GPTModel of SHAPE (or of `cfg`) with the local layer spec (SequentialMLP or
-    GroupedMLP); with pipeline stages, the part `pre_process`/`post_process`/`vp_stage` name."""
+    GroupedMLP); with pipeline stages, the part `pre_process`/`post_process`/`vp_stage` name;
+    `vocab_size`: Megatron-LM's padded vocabulary when it is not SHAPE's (T > 1 pads to 128 * T)."""
     import copy
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -203,7 +204,7 @@ def megatron_model(experts: str, cfg=None, tied: bool = False, pre_process: bool
     s = SHAPE
     cfg = megatron_config(experts) if cfg is None else cfg
     spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage)
-    model = GPTModel(cfg, spec, vocab_size=s["vocab"], max_sequence_length=s["seq"], position_embedding_type="rope",
+    model = GPTModel(cfg, spec, vocab_size=vocab_size or s["vocab"], max_sequence_length=s["seq"], position_embedding_type="rope",
                      rotary_base=10000, share_embeddings_and_output_weights=tied, pre_process=pre_process,
                      post_process=post_process, vp_stage=vp_stage)
     for module in model.modules():
