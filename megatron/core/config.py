@@ -57,6 +57,24 @@ class MoEConfig:
     """Aux-loss-free balancing: a per-expert selection bias (`--moe-router-enable-expert-bias`)."""
     bias_update_rate: float = 1e-3
     """Step size of the expert-bias update (`--moe-router-bias-update-rate`)."""
+    router_type: str = "topk"
+    """The routing strategy (`--moe-router-type`): `topk` (Megatron-Core's top-k router, with
+    group-limited routing and Sinkhorn as options), `noisy_topk` (Shazeer et al. 2017, a learned
+    noise projection and importance + load losses) or `expert_choice` (Zhou et al. 2022: every
+    expert takes its top tokens, up to the capacity)."""
+    num_groups: Optional[int] = None
+    """Group-limited routing: the experts form this many equal groups, consecutive by id
+    (`--moe-router-num-groups`, e.g. the EP size for device-limited routing)."""
+    group_topk: Optional[int] = None
+    """Group-limited routing: each token picks its experts inside its best `group_topk` groups
+    (`--moe-router-group-topk`)."""
+    router_dtype: Optional[str] = None
+    """`fp32` or `fp64`: the dtype of the router's logits and everything computed from them
+    (`--moe-router-dtype`). None computes in fp32 too (Megatron-Core computes in the input's dtype
+    then; we always route in at least fp32)."""
+    force_load_balancing: bool = False
+    """Replace the router's logits by N(0, 1) draws (gradient passed straight through) so that
+    routing is uniform in expectation: for performance work only (`--moe-router-force-load-balancing`)."""
 
     def is_moe_layer(self, layer_number: int) -> bool:
         """Whether 0-based layer `layer_number` has an MoE FFN."""
@@ -560,14 +578,16 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
         )
     if moe.score_function not in ("softmax", "sigmoid"):
         raise ValueError("--moe-router-score-function must be softmax or sigmoid")
-    if moe.router_topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
+    if (moe.router_topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax
+            and moe.load_balancing_type != "sinkhorn"):
         raise ValueError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax: a softmax over "
                          "the one chosen expert is always 1, so the router would learn nothing from the LM loss")
     if moe.enable_expert_bias and moe.score_function != "sigmoid":
         raise ValueError("--moe-router-enable-expert-bias needs --moe-router-score-function sigmoid "
                          "(aux-loss-free balancing is defined for sigmoid scores, as in Megatron-Core)")
-    if moe.load_balancing_type not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "none"):
-        raise ValueError("--moe-router-load-balancing-type must be aux_loss, seq_aux_loss, global_aux_loss or none")
+    if moe.load_balancing_type not in ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"):
+        raise ValueError("--moe-router-load-balancing-type must be aux_loss, seq_aux_loss, global_aux_loss, sinkhorn "
+                         "or none")
     if moe.aux_loss_coeff < 0:
         raise ValueError("--moe-aux-loss-coeff must be >= 0")
     if moe.z_loss_coeff is not None and moe.z_loss_coeff < 0:
@@ -580,6 +600,7 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
         raise ValueError("--moe-token-drop-policy must be probs or position")
     if moe.pad_to_capacity and moe.capacity_factor is None:
         raise ValueError("--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor")
+    _validate_router(moe)
     if moe.shared_expert_ffn_hidden_size is not None:
         _positive(moe.shared_expert_ffn_hidden_size, "--moe-shared-expert-intermediate-size")
         if m.add_bias_linear:
@@ -587,3 +608,49 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
                              "have no biases (Megatron-Core refuses them too)")
     if moe.token_dispatcher_type not in ("alltoall", "allgather"):
         raise ValueError("--moe-token-dispatcher-type must be alltoall or allgather")
+
+
+def _validate_router(moe: MoEConfig) -> None:
+    """The routing strategy's flags (see `router.build_router`)."""
+    if moe.router_type not in ("topk", "noisy_topk", "expert_choice"):
+        raise ValueError("--moe-router-type must be topk, noisy_topk or expert_choice")
+    if moe.router_dtype not in (None, "fp32", "fp64"):
+        raise ValueError("--moe-router-dtype must be fp32 or fp64")
+    if (moe.num_groups is None) != (moe.group_topk is None):
+        raise ValueError("--moe-router-num-groups and --moe-router-group-topk go together (group-limited routing)")
+    if moe.num_groups is not None:
+        _positive(moe.num_groups, "--moe-router-num-groups")
+        _positive(moe.group_topk, "--moe-router-group-topk")
+        if moe.num_experts % moe.num_groups:
+            raise ValueError(f"--moe-router-num-groups ({moe.num_groups}) must divide --num-experts ({moe.num_experts})")
+        if moe.group_topk > moe.num_groups:
+            raise ValueError(f"--moe-router-group-topk ({moe.group_topk}) cannot exceed --moe-router-num-groups "
+                             f"({moe.num_groups})")
+        if moe.group_topk > moe.router_topk:
+            raise ValueError(f"--moe-router-group-topk ({moe.group_topk}) cannot exceed --moe-router-topk "
+                             f"({moe.router_topk}): a group's score is the sum of its top topk/group_topk experts")
+        if moe.router_topk > moe.group_topk * (moe.num_experts // moe.num_groups):
+            raise ValueError(f"--moe-router-topk ({moe.router_topk}) exceeds the experts of "
+                             f"--moe-router-group-topk ({moe.group_topk}) groups")
+        if moe.router_type != "topk" or moe.load_balancing_type == "sinkhorn":
+            raise ValueError("--moe-router-num-groups needs --moe-router-type topk without sinkhorn balancing")
+    if moe.load_balancing_type == "sinkhorn":
+        if moe.router_type != "topk":
+            raise ValueError("--moe-router-load-balancing-type sinkhorn needs --moe-router-type topk")
+        if moe.aux_loss_coeff != 0:
+            raise ValueError("--moe-router-load-balancing-type sinkhorn has no aux loss: --moe-aux-loss-coeff must be 0")
+        if moe.enable_expert_bias:
+            raise ValueError("--moe-router-enable-expert-bias is not used by sinkhorn routing")
+        if moe.capacity_factor is not None:
+            raise ValueError("--moe-expert-capacity-factor does not work with sinkhorn balancing (as in Megatron-Core)")
+    if moe.force_load_balancing and moe.router_type != "topk":
+        raise ValueError("--moe-router-force-load-balancing needs --moe-router-type topk")
+    if moe.router_type == "noisy_topk":
+        if moe.score_function != "softmax" or moe.pre_softmax or moe.enable_expert_bias:
+            raise ValueError("--moe-router-type noisy_topk takes softmax scores over the chosen experts: no "
+                             "--moe-router-score-function sigmoid, --moe-router-pre-softmax or expert bias")
+        if moe.load_balancing_type not in ("aux_loss", "none"):
+            raise ValueError("--moe-router-type noisy_topk has its own importance and load losses: "
+                             "--moe-router-load-balancing-type must be aux_loss (default) or none")
+    if moe.router_type == "expert_choice":
+        raise ValueError("--moe-router-type expert_choice is not implemented yet")

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-pre-softmax", action="store_true")
     g.add_argument("--moe-router-topk-scaling-factor", type=float, default=None)
     g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
-                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "none"])
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
     g.add_argument("--moe-z-loss-coeff", type=float, default=None)
     g.add_argument("--moe-input-jitter-eps", type=float, default=None)
@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-token-dispatcher-type", default="allgather", choices=["allgather", "alltoall"])
     g.add_argument("--moe-router-enable-expert-bias", action="store_true")
     g.add_argument("--moe-router-bias-update-rate", type=float, default=1e-3)
+    g.add_argument("--moe-router-type", default="topk", choices=["topk", "noisy_topk", "expert_choice"])
+    g.add_argument("--moe-router-num-groups", type=int, default=None)
+    g.add_argument("--moe-router-group-topk", type=int, default=None)
+    g.add_argument("--moe-router-dtype", default=None, choices=["fp32", "fp64"])
+    g.add_argument("--moe-router-force-load-balancing", action="store_true")
     g.add_argument("--moe-per-layer-logging", action="store_true")
     g.add_argument("--moe-layer-recompute", action="store_true")
 
@@ -467,6 +472,11 @@ def config_from_args(args: argparse.Namespace, world_size: Optional[int] = None)
             token_dispatcher_type=args.moe_token_dispatcher_type,
             enable_expert_bias=args.moe_router_enable_expert_bias,
             bias_update_rate=args.moe_router_bias_update_rate,
+            router_type=args.moe_router_type,
+            num_groups=args.moe_router_num_groups,
+            group_topk=args.moe_router_group_topk,
+            router_dtype=args.moe_router_dtype,
+            force_load_balancing=args.moe_router_force_load_balancing,
         )
 
     data = DataConfig(

@@ -12,6 +12,8 @@ inputs: the [T, E] combine weights and routing map, the aux losses as Megatron-L
 backward of sum(probs * G) (which includes the aux-loss gradients Megatron injects).
 `tests/unit/test_router_megatron_parity.py` checks our router against the file in CI.
 
+The cases include group-limited routing, Sinkhorn balancing (which Megatron-Core refuses beside a
+capacity factor) and `moe_router_dtype` fp32/fp64.
 Tokens are in Megatron's [S, B] order (sequence-major); the test reorders for our [B, S].
 `--moe-token-drop-policy position` is left out: Megatron-Core picks the kept tokens with a
 top-k over equal values, whose tie order depends on the device; ours keeps the earliest tokens.
@@ -49,6 +51,22 @@ CASES = {
                          moe_pad_expert_input_to_capacity=True),
     "none_z": dict(moe_router_topk=2, moe_router_load_balancing_type="none", moe_z_loss_coeff=1e-2),
     "router_bias": dict(moe_router_topk=2, moe_aux_loss_coeff=0.01, add_bias_linear=True),
+    "group_softmax_k2_g2of1": dict(moe_router_topk=2, moe_router_num_groups=2, moe_router_group_topk=1,
+                                   moe_aux_loss_coeff=0.01),
+    "group_pre_softmax_k4_g4of2": dict(moe_router_topk=4, moe_router_pre_softmax=True, moe_router_num_groups=4,
+                                       moe_router_group_topk=2, moe_aux_loss_coeff=0.01),
+    "group_sigmoid_bias_k4_g4of2": dict(moe_router_topk=4, moe_router_score_function="sigmoid",
+                                        moe_router_enable_expert_bias=True, moe_router_num_groups=4,
+                                        moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5,
+                                        moe_aux_loss_coeff=0.01),
+    "sinkhorn_k1": dict(moe_router_topk=1, moe_router_load_balancing_type="sinkhorn"),
+    "sinkhorn_k2_z": dict(moe_router_topk=2, moe_router_load_balancing_type="sinkhorn",
+                          moe_z_loss_coeff=1e-3),
+    "fp64_k2_aux_z": dict(moe_router_topk=2, moe_router_dtype="fp64", moe_aux_loss_coeff=0.01,
+                          moe_z_loss_coeff=1e-3),
+    "fp32_group_sigmoid_k2_g4of2": dict(moe_router_topk=2, moe_router_dtype="fp32", moe_router_score_function="sigmoid",
+                                        moe_router_num_groups=4, moe_router_group_topk=2,
+                                        moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.1),
 }
 S, B, D, E, MICRO_BATCHES = 6, 3, 16, 8, 3
 

@@ -46,3 +46,50 @@ def sequence_aux_loss(probs_BSE: torch.Tensor, expert_idx_BSK: torch.Tensor, gro
 def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """mean_t (logsumexp_e logits_te)^2, which keeps router logits small (ST-MoE)."""
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def sinkhorn(logits_TE: torch.Tensor, tol: float = 1e-4) -> torch.Tensor:
+    """Sinkhorn-Knopp balancing of C = exp(logits_TE) (Megatron-Core's iteration, S-BASE routing).
+
+    Finds d0_T, d1_E with d0_t = 1 / (T * sum_e d1_e C_te) and d1_e = 1 / (E * sum_t d0_t C_te),
+    alternating the two updates (each denominator + 1e-8) until the mean change of d1 is below
+    `tol`, and returns d0_t * C_te * d1_e: every token's row sums to 1/T and every expert's
+    column to 1/E (up to `tol`), so a top-k of it spreads the tokens evenly.
+    """
+    cost_TE = torch.exp(logits_TE)
+    T, E = cost_TE.shape
+    d0_T = torch.ones(T, dtype=cost_TE.dtype, device=cost_TE.device)
+    d1_E = torch.ones(E, dtype=cost_TE.dtype, device=cost_TE.device)
+    eps, error, d1_old = 1e-8, float("inf"), d1_E
+    while error > tol:
+        d0_T = (1.0 / T) * (1.0 / ((d1_E * cost_TE).sum(dim=1) + eps))
+        d1_E = (1.0 / E) * (1.0 / ((d0_T[:, None] * cost_TE).sum(dim=0) + eps))
+        error = float((d1_old - d1_E).abs().mean())
+        d1_old = d1_E
+    return d1_E * cost_TE * d0_T[:, None]
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var(x) / (mean(x)^2 + 1e-10) (population variance):
+    0 when all entries are equal (Shazeer et al. 2017's importance and load losses)."""
+    mean = x_E.mean()
+    return ((x_E - mean) ** 2).mean() / (mean ** 2 + 1e-10)
+
+
+def noisy_topk_load(clean_TE: torch.Tensor, noisy_TE: torch.Tensor, noise_std_TE: torch.Tensor, topk: int
+                    ) -> torch.Tensor:
+    """Load_e = sum_t P(expert e is in token t's top-k when only e's noise is redrawn), Shazeer
+    et al. 2017:
+
+        P_te = Phi((clean_te - kth_excluding(noisy_t, k, e)) / noise_std_te)
+
+    where kth_excluding is the k-th largest noisy logit of the token among the other experts:
+    the (k+1)-th largest overall when e is among the top k, else the k-th. Phi is the standard
+    normal CDF. Differentiable in all three inputs; needs k < E.
+    """
+    top_TK1 = torch.topk(noisy_TE, topk + 1, dim=-1).values
+    kth_T1, next_T1 = top_TK1[:, topk - 1:topk], top_TK1[:, topk:topk + 1]
+    in_topk_TE = noisy_TE >= kth_T1
+    threshold_TE = torch.where(in_topk_TE, next_T1, kth_T1)
+    normal = torch.distributions.Normal(clean_TE.new_zeros(()), clean_TE.new_ones(()))
+    return normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(dim=0)

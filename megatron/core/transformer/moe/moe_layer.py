@@ -69,7 +69,7 @@ class MoELayer(nn.Module):
         groups = groups or ProcessGroups()
         moe = config.moe
         self.tp = tp
-        self.router = build_router(config, groups.tp_dp if tp.enabled else groups.dp, tp.group)
+        self.router = build_router(config, groups.tp_dp if tp.enabled else groups.dp, tp.group, groups.dp)
         tp.tag_replicated(self.router.parameters(), partial_grads=True)  # it sees this rank's tokens only
         self.dispatcher = build_dispatcher(moe, groups.ep, groups.etp)
         self.experts = GroupedExperts(config, self.dispatcher.num_local_experts, self.dispatcher.local_expert_offset,

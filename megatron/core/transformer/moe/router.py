@@ -23,8 +23,26 @@ which is what Megatron-LM logs. A training forward also adds its `RouterStats` t
 `step_stats`, so that the training loop reads a step's numbers from the routers, whatever ran
 the forwards (a pipeline schedule returns no side outputs).
 
-The router computes in fp32 whatever the parameters' dtype: routing decisions are discrete and
-sensitive to rounding, and its matmul is tiny.
+The router computes in fp32 (or fp64 with `--moe-router-dtype fp64`) whatever the parameters'
+dtype: routing decisions are discrete and sensitive to rounding, and its matmul is tiny.
+
+The strategies (`build_router` picks one from the config):
+
+    TopKRouter            the above (`--moe-router-type topk`, the default)
+    GroupLimitedRouter    top-k inside the best g of G expert groups (`--moe-router-num-groups G
+                          --moe-router-group-topk g`, Megatron-Core's group-limited routing)
+    SinkhornRouter        selection on Sinkhorn-balanced scores while training
+                          (`--moe-router-load-balancing-type sinkhorn`, Megatron-Core's semantics)
+    NoisyTopKRouter       Shazeer et al. 2017: top-k of logits plus learned Gaussian noise, with
+                          importance and load losses (`--moe-router-type noisy_topk`)
+
+`--moe-router-force-load-balancing` (top-k routers) replaces the logits by N(0, 1) draws with the
+gradient passed straight through, as Megatron-Core does for performance work: routing is then
+uniform in expectation and the model learns nothing useful.
+Switch Transformer routing (top-1) is the recipe `--moe-router-topk 1 --moe-router-pre-softmax
+--moe-expert-capacity-factor c`: the combine weight is the full softmax's probability of the
+chosen expert, so the LM loss reaches the router, and each expert takes at most ceil(T/E * c)
+tokens.
 
 Under tensor parallelism each rank routes its own shard of every sequence (`token_group`, the
 T ranks holding the shards of the same micro-batches). The numbers then equal one process's:
@@ -198,18 +216,38 @@ class TopKRouter(Router):
             self.register_buffer("expert_bias", torch.zeros(moe.num_experts))
         else:
             self.expert_bias = None
+        self.compute_dtype = torch.float64 if moe.router_dtype == "fp64" else torch.float32
         self.register_buffer("step_counts_E", torch.zeros(moe.num_experts), persistent=False)
         self.register_buffer("step_micro_batches", torch.zeros(()), persistent=False)
         self.recomputing = False
         """True while activation recompute re-runs this router's forward (set by the layer)."""
 
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
-        moe = self.moe
-        x_TD = self.jitter(hidden_TD)
-        logits_TE = F.linear(x_TD.float(), self.weight.float(), None if self.bias is None else self.bias.float())
-        probs_TK, expert_idx_TK = self.topk(logits_TE)
-        T, K = expert_idx_TK.shape
+        logits_TE = self.gating(self.jitter(hidden_TD))
+        probs_TK, expert_idx_TK = self.route(logits_TE, seq_length)
+        with_losses = self.training and torch.is_grad_enabled()
+        lb_raw = self.load_balancing_loss(logits_TE, seq_length) if with_losses else logits_TE.new_zeros(())
+        return self.finish(logits_TE, probs_TK, expert_idx_TK, lb_raw, seq_length)
 
+    def gating(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """logits_TE = x_TD @ W^T (+ b) in the router dtype; with --moe-router-force-load-balancing
+        the values are N(0, 1) draws and the gradient passes straight through to the real logits."""
+        dtype = self.compute_dtype
+        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
+        if self.moe.force_load_balancing:
+            logits_TE = logits_TE + (torch.randn_like(logits_TE) - logits_TE).detach()
+        return logits_TE
+
+    def route(self, logits_TE: torch.Tensor, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits_TE -> probs_TK (combine weights) and expert_idx_TK (the chosen experts)."""
+        return self.topk(logits_TE)
+
+    def finish(self, logits_TE: torch.Tensor, probs_TK: torch.Tensor, expert_idx_TK: torch.Tensor,
+               lb_raw: torch.Tensor, seq_length: int) -> RouterOutput:
+        """Capacity, the z-loss, the coefficient-scaled aux loss and the stats, shared by every
+        top-k strategy. `lb_raw` is the balancing loss without its coefficient."""
+        moe = self.moe
+        T, K = expert_idx_TK.shape
         keep_TK, capacity = None, None
         routed_E = torch.bincount(expert_idx_TK.reshape(-1), minlength=moe.num_experts).float()
         tokens_per_expert_E = routed_E
@@ -223,17 +261,16 @@ class TopKRouter(Router):
                 routed_E = torch.bincount(expert_idx_TK[keep_TK], minlength=moe.num_experts).float()
 
         with_losses = self.training and torch.is_grad_enabled()
-        lb_raw = self.load_balancing_loss(logits_TE, seq_length) if with_losses else logits_TE.new_zeros(())
         z_raw = (load_balancing.z_loss(logits_TE) / self.token_shards if with_losses and moe.z_loss_coeff is not None
                  else logits_TE.new_zeros(()))
         aux_loss = lb_raw * moe.aux_loss_coeff + z_raw * (moe.z_loss_coeff or 0.0)
         stats = RouterStats(
             tokens_per_expert_E=tokens_per_expert_E.detach(),
             routed_per_expert_E=routed_E.detach(),
-            dropped=(T * K - keep_TK.sum()).float() if keep_TK is not None else logits_TE.new_zeros(()),
-            assignments=logits_TE.new_tensor(float(T * K)),
-            load_balancing_loss=lb_raw.detach(),
-            z_loss=z_raw.detach(),
+            dropped=(T * K - keep_TK.sum()).float() if keep_TK is not None else routed_E.new_zeros(()),
+            assignments=routed_E.new_tensor(float(T * K)),
+            load_balancing_loss=lb_raw.detach().float(),
+            z_loss=z_raw.detach().float(),
         )
         if with_losses:
             self.record(stats)
@@ -269,19 +306,23 @@ class TopKRouter(Router):
         moe, K = self.moe, self.moe.router_topk
         if moe.score_function == "softmax":
             if moe.pre_softmax:
-                probs_TK, expert_idx_TK = torch.topk(torch.softmax(logits_TE, dim=-1), K, dim=-1)
+                probs_TK, expert_idx_TK = self.select(torch.softmax(logits_TE, dim=-1), K)
             else:
-                chosen_TK, expert_idx_TK = torch.topk(logits_TE, K, dim=-1)
+                chosen_TK, expert_idx_TK = self.select(logits_TE, K)
                 probs_TK = torch.softmax(chosen_TK, dim=-1)
         else:
             sigmoid_TE = torch.sigmoid(logits_TE)
             biased_TE = sigmoid_TE if self.expert_bias is None else sigmoid_TE + self.expert_bias
-            expert_idx_TK = torch.topk(biased_TE, K, dim=-1).indices
+            expert_idx_TK = self.select(biased_TE, K)[1]
             chosen_TK = torch.gather(sigmoid_TE, 1, expert_idx_TK)
             probs_TK = chosen_TK / (chosen_TK.sum(dim=-1, keepdim=True) + 1e-20) if K > 1 else chosen_TK
         if moe.topk_scaling_factor:
             probs_TK = probs_TK * moe.topk_scaling_factor
         return probs_TK, expert_idx_TK
+
+    def select(self, scores_TE: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K best experts of every token: (their scores_TK, expert_idx_TK), best first."""
+        return torch.topk(scores_TE, K, dim=-1)
 
     def load_balancing_loss(self, logits_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
         """The configured balancing loss WITHOUT its coefficient (0 when off)."""
@@ -330,7 +371,163 @@ class TopKRouter(Router):
         self.expert_bias += self.moe.bias_update_rate * torch.sign(c.mean() - c)
 
 
+class GroupLimitedRouter(TopKRouter):
+    """Group-limited top-k (Megatron-Core's `--moe-router-num-groups G --moe-router-group-topk g`,
+    DeepSeek-V2/V3's device- and node-limited routing).
+
+    The E experts form G groups of E/G consecutive ids. On the scores the top-k runs on
+    (softmax or logits, sigmoid + expert bias; see `TopKRouter.topk`):
+
+        group_score_tG = sum of the top (K // g) scores_te of group G's experts
+        keep the g best groups of every token, then the top K experts among their experts
+
+    so every token's experts lie in at most g groups (with G = EP: on at most g EP ranks).
+    Everything else (weights, capacity, aux losses from an unrestricted top-k) is TopKRouter's.
+    """
+
+    def select(self, scores_TE: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
+        G, g = self.moe.num_groups, self.moe.group_topk
+        T, E = scores_TE.shape
+        group_score_TG = scores_TE.view(T, G, E // G).topk(K // g, dim=-1).values.sum(dim=-1)
+        best_groups_Tg = torch.topk(group_score_TG, g, dim=-1).indices
+        group_mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter(1, best_groups_Tg, True)
+        expert_mask_TE = group_mask_TG.repeat_interleave(E // G, dim=1)
+        return torch.topk(scores_TE.masked_fill(~expert_mask_TE, float("-inf")), K, dim=-1)
+
+
+class SinkhornRouter(TopKRouter):
+    """Sinkhorn routing (`--moe-router-load-balancing-type sinkhorn`, Megatron-Core's semantics).
+
+    While training, the experts of each token are the top-k of the Sinkhorn-balanced scores
+    (`load_balancing.sinkhorn` of the micro-batch's logits, no gradient), so the micro-batch's
+    tokens spread evenly over the experts without an aux loss; in evaluation, the top-k of the
+    activation. The combine weights are the activation of the raw logits at the chosen experts:
+
+        activation = sigmoid(logits_TE) when K = 1, softmax over all E when K > 1
+        probs_TK   = activation at expert_idx_TK (no renormalisation, no scaling factor)
+
+    There is no balancing loss (the z-loss and capacity still apply). Under tensor parallelism
+    the balancing runs over the whole micro-batch, as in one process: the ranks' logits are
+    gathered (small), and each keeps its shard of the choices.
+    """
+
+    def route(self, logits_TE: torch.Tensor, seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        K = self.moe.router_topk
+        activation_TE = torch.sigmoid(logits_TE) if K == 1 else torch.softmax(logits_TE, dim=-1)
+        if self.training:
+            with torch.no_grad():
+                expert_idx_TK = self.balanced_topk(logits_TE.detach(), seq_length)
+        else:
+            expert_idx_TK = torch.topk(activation_TE, K, dim=-1).indices
+        return torch.gather(activation_TE, 1, expert_idx_TK), expert_idx_TK
+
+    def balanced_topk(self, logits_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """Top-k of sinkhorn(logits) over the whole micro-batch (in fp32 at least)."""
+        K, group, n = self.moe.router_topk, self.token_group, self.token_shards
+        T, E = logits_TE.shape
+        B = T // seq_length
+        if n > 1:
+            logits_TE = mappings.all_gather(logits_TE.view(B, seq_length, E), group, 1).reshape(-1, E)
+        expert_idx_TK = torch.topk(load_balancing.sinkhorn(logits_TE.to(torch.promote_types(logits_TE.dtype,
+                                                                                            torch.float32))),
+                                   K, dim=1).indices
+        if n > 1:
+            expert_idx_TK = mappings.split_along_dim(expert_idx_TK.view(B, n * seq_length, K), group, 1).reshape(T, K)
+        return expert_idx_TK
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, `--moe-router-type noisy_topk`).
+
+        clean_TE   = x_TD @ W^T (+ b)                     (`router.weight`, as TopKRouter's)
+        noise_std  = softplus(x_TD @ W_noise^T)           (`router.noise_weight`, zero-initialised:
+                                                           the noise starts at std ln 2)
+        H_TE       = clean_TE + N(0, 1) * noise_std       (while training; clean_TE in evaluation)
+        expert_idx_TK = top-k of H_TE, probs_TK = softmax over the k chosen H values
+        Importance_e = sum_t probs of e,    Load_e = sum_t Phi((clean_te - kth_excluding(H_t, k, e)) / noise_std_te)
+        loss       = CV(Importance)^2 + CV(Load)^2        (times --moe-aux-loss-coeff; see
+                                                           `load_balancing.noisy_topk_load`)
+
+    Importance and Load are sums over the micro-batch; under tensor parallelism they are summed
+    over the ranks' shards and each rank's loss is its 1/T share of the value with the gradient
+    of its own tokens (so the shares and their gradients sum to one process's).
+
+    The noise must be the same for the same token whatever the parallelism, so it is drawn
+    from a generator keyed by (a seed drawn when the layer is built, the step, the micro-batch's
+    index in the global batch = local index * DP + DP rank, as the data sampler deals them out)
+    for the whole micro-batch, and each tensor-parallel rank takes its sequence shard. A
+    recomputed forward (activation recompute) redraws the same noise: recomputes run in the
+    order of the forwards. The step count restarts at 0 when training resumes from a checkpoint.
+    """
+
+    def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
+                 token_group: Optional[dist.ProcessGroup] = None, data_group: Optional[dist.ProcessGroup] = None):
+        super().__init__(config, dp_group, token_group)
+        self.noise_weight = nn.Parameter(torch.zeros(self.moe.num_experts, config.hidden_size))
+        self.noise_seed = int(torch.randint(0, 2 ** 31 - 1, ()))  # from the layer's seeded init stream
+        self.data_ranks, self.data_rank = mappings.group_size(data_group), mappings.group_rank(data_group)
+        self.steps, self.forwards, self.recomputes = -1, 0, 0
+
+    def start_step(self) -> None:
+        super().start_step()
+        self.steps, self.forwards, self.recomputes = self.steps + 1, 0, 0
+
+    def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
+        moe, K = self.moe, self.moe.router_topk
+        x_TD = self.jitter(hidden_TD)
+        clean_TE = self.gating(x_TD)
+        noise_std_TE = F.softplus(F.linear(x_TD.to(self.compute_dtype), self.noise_weight.to(self.compute_dtype)))
+        noisy_TE = clean_TE + self.noise(clean_TE, seq_length) * noise_std_TE if self.training else clean_TE
+        chosen_TK, expert_idx_TK = torch.topk(noisy_TE, K, dim=-1)
+        probs_TK = torch.softmax(chosen_TK, dim=-1)
+        with_losses = self.training and torch.is_grad_enabled()
+        if with_losses and moe.load_balancing_type != "none" and moe.aux_loss_coeff != 0:
+            importance_E = torch.zeros_like(clean_TE).scatter(1, expert_idx_TK, probs_TK).sum(dim=0)
+            load_E = load_balancing.noisy_topk_load(clean_TE, noisy_TE, noise_std_TE, K)
+            lb_raw = self.share(load_balancing.cv_squared, importance_E) + self.share(load_balancing.cv_squared, load_E)
+        else:
+            lb_raw = clean_TE.new_zeros(())
+        return self.finish(clean_TE, probs_TK, expert_idx_TK, lb_raw, seq_length)
+
+    def noise(self, like_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """N(0, 1) of this micro-batch's tokens, the same whatever the parallelism (class docstring)."""
+        if self.recomputing:
+            index, self.recomputes = self.recomputes, self.recomputes + 1
+        else:
+            index, self.forwards = self.forwards, self.forwards + 1
+        micro_batch = index * self.data_ranks + self.data_rank
+        key = ((self.noise_seed * 1_000_003 + max(self.steps, 0)) * 1_000_003 + micro_batch) % (2 ** 63 - 1)
+        gen = torch.Generator(device=like_TE.device).manual_seed(key)
+        T, E = like_TE.shape
+        B, n = T // seq_length, self.token_shards
+        noise_BSE = torch.randn(B, n * seq_length, E, generator=gen, device=like_TE.device, dtype=like_TE.dtype)
+        return mappings.split_along_dim(noise_BSE, self.token_group, 1).reshape(T, E) if n > 1 else noise_BSE.view(T, E)
+
+    def share(self, loss_fn, local_E: torch.Tensor) -> torch.Tensor:
+        """loss_fn of the micro-batch's total (summed over the tensor-parallel shards): this rank's
+        1/T share of the value, with the gradient through this rank's own terms."""
+        if self.token_shards == 1:
+            return loss_fn(local_E)
+        total_E = local_E + (mappings.all_reduce(local_E.detach(), self.token_group) - local_E.detach())
+        loss = loss_fn(total_E)
+        return loss + (loss.detach() / self.token_shards - loss.detach())
+
+
 def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
-                 token_group: Optional[dist.ProcessGroup] = None) -> Router:
-    """The routing strategy for `config` (only top-k for now)."""
+                 token_group: Optional[dist.ProcessGroup] = None,
+                 data_group: Optional[dist.ProcessGroup] = None) -> Router:
+    """The routing strategy the config asks for (see the module docstring).
+
+    dp_group: the ranks whose counts the global aux loss sums; token_group: the tensor-parallel
+    group (ranks holding shards of the same sequences); data_group: the data-parallel group
+    proper (its rank is where this rank's micro-batches sit in the global batch)."""
+    moe = config.moe
+    if moe.router_type == "noisy_topk":
+        return NoisyTopKRouter(config, dp_group, token_group, data_group)
+    if moe.router_type != "topk":
+        raise ValueError(f"--moe-router-type {moe.router_type} is not implemented yet")
+    if moe.load_balancing_type == "sinkhorn":
+        return SinkhornRouter(config, dp_group, token_group)
+    if moe.group_topk is not None:
+        return GroupLimitedRouter(config, dp_group, token_group)
     return TopKRouter(config, dp_group, token_group)
