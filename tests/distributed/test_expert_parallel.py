@@ -40,6 +40,20 @@ SCENARIOS = [
      "--moe-token-dispatcher-type allgather --moe-expert-capacity-factor 1.0 --overlap-grad-reduce "
      "--ddp-bucket-size 2000", False),
     ("dp4-distopt", 4, 1, "--use-distributed-optimizer", False),
+    # The other routers, under each dispatcher (group-limited: each token on one EP rank's experts).
+    ("ep2-alltoall-group-limited", 2, 2, "--moe-token-dispatcher-type alltoall --moe-router-num-groups 2 "
+     "--moe-router-group-topk 1", False),
+    ("ep2-allgather-group-limited-sigmoid-bias-capacity", 2, 2, "--moe-token-dispatcher-type allgather "
+     "--moe-router-num-groups 2 --moe-router-group-topk 1 --moe-router-score-function sigmoid "
+     "--moe-router-enable-expert-bias --moe-router-bias-update-rate 0.01 --moe-expert-capacity-factor 1.0", False),
+    ("ep2-alltoall-sinkhorn", 2, 2, "--moe-token-dispatcher-type alltoall --moe-router-load-balancing-type sinkhorn "
+     "--moe-aux-loss-coeff 0", False),
+    ("ep2-allgather-sinkhorn-top1", 2, 2, "--moe-token-dispatcher-type allgather --moe-router-topk 1 "
+     "--moe-router-load-balancing-type sinkhorn --moe-aux-loss-coeff 0", False),
+    ("ep2-alltoall-noisy-topk", 2, 2, "--moe-token-dispatcher-type alltoall --moe-router-type noisy_topk "
+     "--moe-aux-loss-coeff 1e-2", False),
+    ("ep2-allgather-noisy-topk-fp64-capacity", 2, 2, "--moe-token-dispatcher-type allgather --moe-router-type "
+     "noisy_topk --moe-aux-loss-coeff 1e-2 --moe-router-dtype fp64 --moe-expert-capacity-factor 1.0", False),
 ]
 
 

@@ -47,6 +47,13 @@ SCENARIOS = [
      "--overlap-grad-reduce --ddp-bucket-size 2000"),
     ("pp2xdp2-interleaved-overlap", 4, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2 "
      "--overlap-grad-reduce --ddp-bucket-size 2000 --global-batch-size 16"),
+    # Noisy top-k redraws each micro-batch's noise in recompute; sinkhorn and group-limited routing.
+    ("pp2-interleaved-zero-bubble-recompute-noisy-topk", 2, "--pipeline-model-parallel-size 2 "
+     "--virtual-pipeline-model-parallel-size 2 --pipeline-schedule InterleavedZeroBubble --moe-layer-recompute "
+     "--moe-router-type noisy_topk"),
+    ("pp2-sinkhorn", 2, "--pipeline-model-parallel-size 2 --moe-router-load-balancing-type sinkhorn "
+     "--moe-aux-loss-coeff 0"),
+    ("pp2-group-limited", 2, "--pipeline-model-parallel-size 2 --moe-router-num-groups 2 --moe-router-group-topk 1"),
 ]
 
 

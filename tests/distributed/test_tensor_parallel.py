@@ -78,6 +78,13 @@ SCENARIOS = [
      "--tensor-model-parallel-size 2 --sequence-parallel --expert-model-parallel-size 2 "
      "--moe-token-dispatcher-type alltoall --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity "
      "--use-distributed-optimizer"),
+    # The other routers: their losses are per-rank shares of the micro-batch's (sinkhorn balances
+    # the whole micro-batch; noisy top-k draws the whole micro-batch's noise and takes its shard).
+    ("tp2-moe-sp-group-limited", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--expert-tensor-parallel-size 1 --moe-router-num-groups 2 --moe-router-group-topk 1 --moe-router-topk 2"),
+    ("tp2-moe-sp-sinkhorn", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--expert-tensor-parallel-size 1 --moe-router-load-balancing-type sinkhorn --moe-aux-loss-coeff 0"),
+    ("tp2-moe-etp2-noisy-topk", 2, MOE, "--tensor-model-parallel-size 2 --moe-router-type noisy_topk"),
 ]
 
 

@@ -228,12 +228,16 @@ def test_noisy_topk_load_matches_monte_carlo():
 def test_noisy_topk_noise_is_keyed_by_step_and_micro_batch_and_repeats_on_recompute():
     r = noisy()
     x = torch.randn(8, D)
-    a, b = r(x, seq_length=8), r(x, seq_length=8)  # two micro-batches of one step: different noise
+    state_a = r.replay_state()
+    a = r(x, seq_length=8)
+    state_b = r.replay_state()
+    b = r(x, seq_length=8)  # two micro-batches of one step: different noise
     assert not torch.equal(a.probs_TK, b.probs_TK)
     r.recomputing = True
-    again = r(x, seq_length=8)  # recompute of the first micro-batch: the same noise
+    for state, want in [(state_b, b), (state_a, a), (state_a, a)]:  # any order, any number of times
+        r.replayed_state = state
+        torch.testing.assert_close(r(x, seq_length=8).probs_TK, want.probs_TK)
     r.recomputing = False
-    torch.testing.assert_close(again.probs_TK, a.probs_TK)
     r.start_step()
     assert not torch.equal(r(x, seq_length=8).probs_TK, a.probs_TK)
 

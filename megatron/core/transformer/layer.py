@@ -64,10 +64,12 @@ class _RoutersRecomputing:
 
     def __init__(self, modules: list[nn.Module]):
         self.routers = [m for module in modules for m in module.modules() if isinstance(m, Router)]
+        self.states = [router.replay_state() for router in self.routers]  # made at the forward
 
     def __enter__(self):
-        for router in self.routers:
+        for router, state in zip(self.routers, self.states):
             router.recomputing = True
+            router.replayed_state = state
         return self
 
     def __exit__(self, *exc):

@@ -177,6 +177,14 @@ class Router(nn.Module):
     """What the aux loss's gradient is multiplied by in backward: 1 / micro-batches per step
     (times the loss scale under fp16), set by the training loop every step."""
 
+    replayed_state: object = None
+    """While recomputing: what `replay_state` returned before the forward being recomputed."""
+
+    def replay_state(self) -> object:
+        """Called before a forward that may be recomputed; a recompute of it finds the value in
+        `replayed_state` (torch may recompute a forward more than once, in any order)."""
+        return None
+
     def start_step(self) -> None:
         """Called before the first micro-batch of every optimizer step."""
         self.step_stats = None
@@ -456,8 +464,9 @@ class NoisyTopKRouter(TopKRouter):
     from a generator keyed by (a seed drawn when the layer is built, the step, the micro-batch's
     index in the global batch = local index * DP + DP rank, as the data sampler deals them out)
     for the whole micro-batch, and each tensor-parallel rank takes its sequence shard. A
-    recomputed forward (activation recompute) redraws the same noise: recomputes run in the
-    order of the forwards. The step count restarts at 0 when training resumes from a checkpoint.
+    recomputed forward (activation recompute) redraws the noise of the forward it repeats (its
+    key is kept in the recompute context, see `replay_state`). The step count restarts at 0 when
+    training resumes from a checkpoint.
     """
 
     def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
@@ -466,11 +475,14 @@ class NoisyTopKRouter(TopKRouter):
         self.noise_weight = nn.Parameter(torch.zeros(self.moe.num_experts, config.hidden_size))
         self.noise_seed = int(torch.randint(0, 2 ** 31 - 1, ()))  # from the layer's seeded init stream
         self.data_ranks, self.data_rank = mappings.group_size(data_group), mappings.group_rank(data_group)
-        self.steps, self.forwards, self.recomputes = -1, 0, 0
+        self.steps, self.forwards = -1, 0
 
     def start_step(self) -> None:
         super().start_step()
-        self.steps, self.forwards, self.recomputes = self.steps + 1, 0, 0
+        self.steps, self.forwards = self.steps + 1, 0
+
+    def replay_state(self) -> tuple[int, int]:
+        return self.steps, self.forwards
 
     def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
         moe, K = self.moe, self.moe.router_topk
@@ -491,12 +503,13 @@ class NoisyTopKRouter(TopKRouter):
 
     def noise(self, like_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
         """N(0, 1) of this micro-batch's tokens, the same whatever the parallelism (class docstring)."""
-        if self.recomputing:
-            index, self.recomputes = self.recomputes, self.recomputes + 1
+        if self.recomputing and self.replayed_state is not None:
+            step, index = self.replayed_state
         else:
-            index, self.forwards = self.forwards, self.forwards + 1
+            step, index = self.steps, self.forwards
+            self.forwards += 1
         micro_batch = index * self.data_ranks + self.data_rank
-        key = ((self.noise_seed * 1_000_003 + max(self.steps, 0)) * 1_000_003 + micro_batch) % (2 ** 63 - 1)
+        key = ((self.noise_seed * 1_000_003 + max(step, 0)) * 1_000_003 + micro_batch) % (2 ** 63 - 1)
         gen = torch.Generator(device=like_TE.device).manual_seed(key)
         T, E = like_TE.shape
         B, n = T // seq_length, self.token_shards
