@@ -346,6 +346,10 @@ def _representability_problems(mc: ModelConfig, arch: HFArchitecture) -> list[st
             (moe.topk_scaling_factor is not None, "--moe-router-topk-scaling-factor"),
             (moe.shared_expert_ffn_hidden_size is not None, "--moe-shared-expert-intermediate-size (shared experts)"),
             (moe.enable_expert_bias, "--moe-router-enable-expert-bias (expert bias changes routing)"),
+            (moe.router_type != "topk", f"--moe-router-type {moe.router_type} (need topk)"),
+            (moe.group_topk is not None, "--moe-router-num-groups/--moe-router-group-topk (group-limited routing)"),
+            (moe.load_balancing_type == "sinkhorn", "--moe-router-load-balancing-type sinkhorn (its evaluation routing "
+             "is not checked against the HF routers)"),
             (moe.pre_softmax and arch.renormalize_key is None,
              f"--moe-router-pre-softmax ({arch.model_type} renormalises the top-k probabilities)"),
             (not all(moe.layer_pattern) and not arch.sparse_layer_keys,

@@ -218,6 +218,8 @@ def test_param_shapes_with_biases_and_gelu():
      "--moe-router-enable-expert-bias"),
     (("--moe-layer-freq", "[1,0,1]"), "--moe-layer-freq"),
     (("--normalization", "LayerNorm"), "--normalization"),
+    (("--moe-router-type", "noisy_topk"), "--moe-router-type"),
+    (("--moe-router-num-groups", "2", "--moe-router-group-topk", "1"), "--moe-router-num-groups"),
 ])
 def test_unrepresentable_configs_name_the_flag(flags, named):
     cfg = _megatron_config(*flags)
