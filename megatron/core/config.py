@@ -35,9 +35,11 @@ class MoEConfig:
     topk_scaling_factor: Optional[float] = None
     """Multiplier applied to the routing probabilities (`--moe-router-topk-scaling-factor`)."""
     load_balancing_type: str = "aux_loss"
-    """`aux_loss`, `seq_aux_loss`, `global_aux_loss` or `none` (`--moe-router-load-balancing-type`)."""
+    """`aux_loss`, `seq_aux_loss`, `global_aux_loss`, `sinkhorn` (select on Sinkhorn-balanced scores
+    while training, no aux loss) or `none` (`--moe-router-load-balancing-type`)."""
     aux_loss_coeff: float = 0.0
-    """Coefficient of the load-balancing loss (`--moe-aux-loss-coeff`)."""
+    """Coefficient of the load-balancing loss (`--moe-aux-loss-coeff`; with `noisy_topk`, of its
+    importance + load loss)."""
     z_loss_coeff: Optional[float] = None
     """Coefficient of the router z-loss; None disables it (`--moe-z-loss-coeff`)."""
     input_jitter_eps: Optional[float] = None
