@@ -1,4 +1,5 @@
-"""tools/plot_moe.py and tools/analyze_routing.py on a tiny run's TensorBoard files and checkpoints."""
+"""tools/plot_moe.py and tools/analyze_routing.py on a tiny run's TensorBoard files and checkpoints;
+the collapse warning in a real (forcibly collapsed) training run."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron.training.train import pretrain
 from tests.helpers import load_tool, make_config
@@ -67,3 +69,38 @@ def test_analyze_routing_cli(run, tmp_path):
     proc = subprocess.run(cmd[:2] + ["--load", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("analyze_routing.py: error:")
     assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_collapse_warning_in_training(collapsed, capsys):
+    """A router biased onto expert 0 (the others never chosen) is warned about once per expert
+    after 4 log intervals; the same run unbiased is not."""
+    from megatron.core.parallel_state import ProcessGroups
+    from megatron.training.data import build_datasets, build_loader, micro_batches
+    from megatron.training.logger import TrainingLogger
+    from megatron.training.train import Trainer
+
+    cfg = make_config("--moe-router-topk 1 --moe-router-score-function sigmoid --moe-router-enable-expert-bias "
+                      "--moe-router-bias-update-rate 0 --train-iters 5")
+    groups = ProcessGroups()
+    trainer = Trainer(cfg, groups)
+    if collapsed:
+        for router in trainer.routers:
+            router.expert_bias.copy_(torch.tensor([0.0, -1e4, -1e4, -1e4]))
+    batches = micro_batches(build_loader(build_datasets(cfg)[0], cfg, groups), groups.device)
+    logger = TrainingLogger(True, 5, 1, 4, 16, 1.0, 1, groups.device)
+    for it in range(1, 6):
+        result = trainer.train_step([next(batches) for _ in range(cfg.num_microbatches)])
+        logger.record(result)
+        logger.maybe_log(it, 4 * it, result, 1.0, it)
+    out = capsys.readouterr()
+    warnings = [line for line in out.err.splitlines() if line.startswith("WARNING: expert")]
+    if not collapsed:
+        assert warnings == []
+        return
+    assert sorted(warnings) == sorted(
+        [f"WARNING: expert 0 of layer {layer} has had > 3x the mean load for 4 log intervals (4.00x at iteration 4; "
+         f"layer gini 0.750): routing may be collapsing onto it" for layer in (0, 1)]
+        + [f"WARNING: expert {e} of layer {layer} received no tokens for 4 log intervals (up to iteration 4; "
+           f"layer max/mean load 4.00): it is dead" for layer in (0, 1) for e in (1, 2, 3)])
+    assert "expert load max/mean: 4.000 (layer 0) | expert load gini: 0.750 |" in out.out
