@@ -326,8 +326,10 @@ class TrainingConfig:
     recompute_num_layers: Optional[int] = None
     """Layers per recomputed run (`uniform`) or recomputed layers (`block`) (`--recompute-num-layers`)."""
     moe_per_layer_logging: bool = False
-    """Log each MoE layer's aux losses and load: a console line per layer, and Megatron-LM's
-    `moe/<loss>_layer_<i>` TensorBoard scalars (`--moe-per-layer-logging`)."""
+    """Log each MoE layer's aux losses and load: a console line per layer (its losses, max/mean
+    load, Gini, load and token entropy, dropped share), and Megatron-LM's `moe/<loss>_layer_<i>`
+    TensorBoard scalars (`--moe-per-layer-logging`). The `moe/layer_NN/...` load-health scalars
+    and the collapse warnings (`megatron.core.transformer.moe.health`) are written without it."""
     moe_layer_recompute: bool = False
     """Recompute MoE layers in backward (`--moe-layer-recompute`)."""
     check_for_nan_in_loss_and_grad: bool = True

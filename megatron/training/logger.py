@@ -7,7 +7,16 @@ One line per `--log-interval`, labels exactly as Megatron-LM prints them (people
   lm loss: 6.123456E+00 | load_balancing_loss: 1.000321E-02 | grad norm: 1.234 |
   number of skipped iterations:   0 | number of nan iterations:   0 |
 
-followed by this framework's progress fields (tokens per second, ETA, peak memory).
+followed by this framework's fields: the expert-load summary of an MoE model (the layer with
+the highest max/mean load, and its Gini coefficient), tokens per second, ETA and peak memory.
+
+Expert-load health (`megatron.core.transformer.moe.health`), per MoE layer: max/mean load, Gini
+coefficient, normalised load entropy, normalised per-token routing entropy and the dropped
+fraction, each computed from one step's global counts and averaged over the log interval, go to
+TensorBoard as `moe/layer_NN/{max_over_mean_load,gini,entropy,token_entropy,dropped_fraction}`
+next to the interval's mean tokens per expert, `moe/layer_NN/tokens_per_expert/expert_EEE`.
+A `CollapseMonitor` prints a one-line warning when an expert stays above 3x its layer's mean
+load, or receives no tokens, for several log intervals (judged on the interval's summed counts).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from megatron.core.transformer.moe import health
+
 
 @dataclass
 class MoELayerLoad:
@@ -28,22 +39,30 @@ class MoELayerLoad:
 
     tokens_per_expert_E: assignments per expert (summed). dropped_fraction: of assignments.
     layer: the model layer's 0-based index. losses: its aux losses as Megatron-LM logs them.
+    token_entropy: mean normalised entropy of the tokens' routing distributions (None when the
+    router does not report it; see `health`).
     """
 
     tokens_per_expert_E: torch.Tensor
     dropped_fraction: float
     layer: int = 0
     losses: dict[str, float] = field(default_factory=dict)
+    token_entropy: Optional[float] = None
 
     def __add__(self, other: "MoELayerLoad") -> "MoELayerLoad":
         losses = {k: v + other.losses.get(k, 0.0) for k, v in self.losses.items()}
+        entropy = (None if self.token_entropy is None or other.token_entropy is None
+                   else self.token_entropy + other.token_entropy)
         return MoELayerLoad(self.tokens_per_expert_E + other.tokens_per_expert_E,
-                            self.dropped_fraction + other.dropped_fraction, self.layer, losses)
+                            self.dropped_fraction + other.dropped_fraction, self.layer, losses, entropy)
 
     @property
     def max_over_mean(self) -> float:
-        mean = float(self.tokens_per_expert_E.mean())
-        return float(self.tokens_per_expert_E.max()) / mean if mean > 0 else 0.0
+        return health.max_over_mean(self.tokens_per_expert_E)
+
+    def health(self) -> dict[str, float]:
+        """This (one step's) load's health numbers under their TensorBoard names."""
+        return health.layer_health(self.tokens_per_expert_E, self.dropped_fraction, self.token_entropy)
 
 
 @dataclass
@@ -70,6 +89,8 @@ class _Interval:
     skipped: int = 0
     nan: int = 0
     loads: Optional[list[MoELayerLoad]] = None
+    health: Optional[list[dict[str, float]]] = None
+    """Per MoE layer, the sums over the interval's steps of each step's health numbers."""
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -111,6 +132,7 @@ class TrainingLogger:
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=1000)
         self.interval = _Interval()
+        self.collapse = health.CollapseMonitor()
 
     def record(self, r: StepResult) -> None:
         iv = self.interval
@@ -126,6 +148,9 @@ class TrainingLogger:
             iv.aux[k] = iv.aux.get(k, 0.0) + v
         if r.moe_loads:
             iv.loads = list(r.moe_loads) if iv.loads is None else [a + b for a, b in zip(iv.loads, r.moe_loads)]
+            step = [load.health() for load in r.moe_loads]
+            iv.health = step if iv.health is None else [{k: a[k] + b[k] for k in a if k in b}
+                                                         for a, b in zip(iv.health, step)]
 
     def maybe_log(self, iteration: int, consumed_samples: int, last: StepResult, elapsed_total_s: float,
                   iterations_this_run: int) -> None:
@@ -155,21 +180,42 @@ class TrainingLogger:
             f" grad norm: {iv.grad_norm / n:.3f}",
             f" number of skipped iterations: {iv.skipped:3d}",
             f" number of nan iterations: {iv.nan:3d}",
+        ]
+        layer_health = self._layer_health(n)
+        if layer_health:
+            worst = max(layer_health, key=lambda lh: lh[1]["max_over_mean_load"])
+            parts += [f" expert load max/mean: {worst[1]['max_over_mean_load']:.3f} (layer {worst[0]})",
+                      f" expert load gini: {worst[1]['gini']:.3f}"]
+        parts += [
             f" tokens per second: {tokens_per_s:.0f}",
             f" ETA: {datetime.timedelta(seconds=int(eta_s))}",
             f" peak memory (GiB): {peak_memory_gib(self.device):.2f}",
         ]
         print_rank_0(self.is_main, " |".join(parts) + " |")
         if self.per_layer:
-            for load in iv.loads or []:
+            for load, (_, h) in zip(iv.loads or [], layer_health):
                 fields = [f" {k}: {v / n:.6E}" for k, v in load.losses.items()]
-                fields += [f" max/mean load: {load.max_over_mean:.3f}", f" dropped: {100 * load.dropped_fraction / n:.2f}%"]
+                fields += [f" max/mean load: {h['max_over_mean_load']:.3f}", f" gini: {h['gini']:.3f}",
+                           f" load entropy: {h['entropy']:.3f}"]
+                if "token_entropy" in h:
+                    fields.append(f" token entropy: {h['token_entropy']:.3f}")
+                fields.append(f" dropped: {100 * h['dropped_fraction']:.2f}%")
                 print_rank_0(self.is_main, f"   moe layer {load.layer:3d} |" + " |".join(fields) + " |")
+        for load in iv.loads or []:
+            for message in self.collapse.update(load.layer, load.tokens_per_expert_E, iteration):
+                log_warning(self.is_main, message)
         if self.writer is not None:
-            self._write_scalars(iteration, consumed_samples, last, per_iter_s, tflops, tokens_per_s, n)
+            self._write_scalars(iteration, consumed_samples, last, per_iter_s, tflops, tokens_per_s, n, layer_health)
         self.interval = _Interval()
 
-    def _write_scalars(self, it, samples, last, per_iter_s, tflops, tokens_per_s, n) -> None:
+    def _layer_health(self, n: int) -> list[tuple[int, dict[str, float]]]:
+        """(layer, its health numbers averaged over the interval's counted steps) per MoE layer."""
+        iv = self.interval
+        if not iv.health or not iv.loads:
+            return []
+        return [(load.layer, {k: v / n for k, v in h.items()}) for load, h in zip(iv.loads, iv.health)]
+
+    def _write_scalars(self, it, samples, last, per_iter_s, tflops, tokens_per_s, n, layer_health) -> None:
         w, iv = self.writer, self.interval
         w.add_scalar("learning-rate", last.learning_rate, it)
         w.add_scalar("batch-size", self.global_batch_size, it)
@@ -186,13 +232,13 @@ class TrainingLogger:
         w.add_scalar("mem-max-allocated-gib", peak_memory_gib(self.device), it)
         w.add_scalar("skipped-iterations", iv.skipped, it)
         w.add_scalar("nan-iterations", iv.nan, it)
-        for load in iv.loads or []:
+        for load, (_, h) in zip(iv.loads or [], layer_health):
             if self.per_layer:  # Megatron-LM's per-layer tags
                 for k, v in load.losses.items():
                     w.add_scalar(f"moe/{k}_layer_{load.layer}", v / n, it)
             tag = f"moe/layer_{load.layer:02d}"
-            w.add_scalar(f"{tag}/max_over_mean_load", load.max_over_mean, it)
-            w.add_scalar(f"{tag}/dropped_fraction", load.dropped_fraction / n, it)
+            for k, v in h.items():
+                w.add_scalar(f"{tag}/{k}", v, it)
             for e, count in enumerate((load.tokens_per_expert_E / n).tolist()):
                 w.add_scalar(f"{tag}/tokens_per_expert/expert_{e:03d}", count, it)
         w.flush()

@@ -29,6 +29,7 @@ from megatron.core.optimizer.lr_scheduler import OptimizerParamScheduler
 from megatron.core.parallel_state import ProcessGroups
 from megatron.core.pipeline_parallel.schedules import NoPipelining, PipelineSchedule
 from megatron.core.transformer.layer import RecomputePlan
+from megatron.core.transformer.moe.health import mean_token_entropy
 from megatron.core.transformer.moe.router import LOAD_BALANCING_LOSS_NAMES, RouterStats
 from megatron.training import checkpointing
 from megatron.training.data import build_datasets, build_loader, micro_batches
@@ -152,6 +153,9 @@ class Trainer:
         every rank (each MoE layer's numbers come from the stage holding it, the LM loss from
         the last stage).
 
+        Each layer's slice of the packed tensor: balancing loss, z-loss, dropped, assignments,
+        tokens_per_expert_E, routed_per_expert_E, token entropy [sum, tokens] (`RouterStats`).
+
         Returns the LM loss; the aux losses as Megatron-LM logs them (without coefficients,
         averaged over micro-batches, data-parallel ranks and all MoE layers; the global balancing
         loss is each rank's share, so it is summed over ranks); each MoE layer's load and
@@ -159,16 +163,17 @@ class Trainer:
         """
         dp = self.groups.dp_size
         E = self.cfg.model.moe.num_experts if self.cfg.model.moe else 0
-        width = 4 + 2 * E
+        width = 6 + 2 * E
         packed = torch.zeros(1 + width * len(self.moe_layer_numbers), device=self.groups.device)
         if self.schedule.has_loss and self.groups.tp_rank == 0:  # the same loss on every TP rank
             packed[0] = lm_loss
         for slot, s in zip(self.local_moe_slots, stats):
             if s is None:
                 continue
+            entropy = s.token_entropy if s.token_entropy is not None else torch.zeros(2)  # [sum, tokens]
             parts = [(s.load_balancing_loss / n).reshape(1), (s.z_loss / n).reshape(1), s.dropped.reshape(1),
-                     s.assignments.reshape(1), s.tokens_per_expert_E, s.routed_per_expert_E]
-            packed[1 + slot * width:1 + (slot + 1) * width] = torch.cat([p.float() for p in parts])
+                     s.assignments.reshape(1), s.tokens_per_expert_E, s.routed_per_expert_E, entropy.reshape(2)]
+            packed[1 + slot * width:1 + (slot + 1) * width] = torch.cat([p.float().to(packed.device) for p in parts])
         if self.groups.world_size > 1:
             dist.all_reduce(packed)
         lm = float(packed[0]) / dp
@@ -176,8 +181,9 @@ class Trainer:
         for slot, layer in enumerate(self.moe_layer_numbers):
             chunk = packed[1 + slot * width:1 + (slot + 1) * width]
             losses = self._logged_losses(float(chunk[0]), float(chunk[1]), dp)
-            loads.append(MoELayerLoad(chunk[4:4 + E].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0), layer, losses))
-            routed.append(chunk[4 + E:])
+            loads.append(MoELayerLoad(chunk[4:4 + E].cpu(), float(chunk[2]) / max(float(chunk[3]), 1.0), layer, losses,
+                                      mean_token_entropy(chunk[4 + 2 * E:])))
+            routed.append(chunk[4 + E:4 + 2 * E])
         aux = {k: sum(load.losses[k] for load in loads) / len(loads) for k in (loads[0].losses if loads else {})}
         return lm, aux, loads, routed
 

@@ -67,7 +67,7 @@ from torch import nn
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.core.tensor_parallel import mappings
 from megatron.core.transformer import init
-from megatron.core.transformer.moe import load_balancing
+from megatron.core.transformer.moe import health, load_balancing
 
 
 @dataclass
@@ -102,6 +102,9 @@ class RouterStats:
     dropped: assignments dropped for capacity. assignments: T*K.
     load_balancing_loss, z_loss: the loss values WITHOUT their coefficients (0 when off),
         the numbers Megatron-LM logs.
+    token_entropy: [sum over tokens of the normalised entropy of the token's routing
+        distribution over all E, number of tokens] (`health.token_entropy_stat`), or None from a
+        router that does not report it.
     """
 
     tokens_per_expert_E: torch.Tensor
@@ -110,13 +113,15 @@ class RouterStats:
     assignments: torch.Tensor
     load_balancing_loss: torch.Tensor
     z_loss: torch.Tensor
+    token_entropy: Optional[torch.Tensor] = None
 
     def __add__(self, other: "RouterStats") -> "RouterStats":
-        return RouterStats(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple())))
+        return RouterStats(*(None if a is None or b is None else a + b
+                             for a, b in zip(self.as_tuple(), other.as_tuple())))
 
-    def as_tuple(self) -> tuple[torch.Tensor, ...]:
+    def as_tuple(self) -> tuple[Optional[torch.Tensor], ...]:
         return (self.tokens_per_expert_E, self.routed_per_expert_E, self.dropped, self.assignments,
-                self.load_balancing_loss, self.z_loss)
+                self.load_balancing_loss, self.z_loss, self.token_entropy)
 
 
 LOAD_BALANCING_LOSS_NAMES = {
@@ -279,6 +284,7 @@ class TopKRouter(Router):
             assignments=routed_E.new_tensor(float(T * K)),
             load_balancing_loss=lb_raw.detach().float(),
             z_loss=z_raw.detach().float(),
+            token_entropy=health.token_entropy_stat(aux_loss_scores(logits_TE.detach().float(), moe.score_function)),
         )
         if with_losses:
             self.record(stats)
