@@ -75,7 +75,9 @@ from megatron.core.transformer.moe import health, load_balancing
 
 @dataclass
 class RouterOutput:
-    """What the dispatcher and the loop need from routing T tokens to K experts each.
+    """What the dispatcher and the loop need from routing T tokens: a table of K assignments a
+    token (K = --moe-router-topk; `ExpertChoiceRouter`: K = E, one column an expert, keep_TK
+    marking the experts that picked the token, so a token has zero, one or several).
 
     probs_TK: combine weights of the chosen experts (0 where the assignment was dropped).
     expert_idx_TK: chosen expert ids (int64).
