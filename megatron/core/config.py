@@ -63,7 +63,8 @@ class MoEConfig:
     """The routing strategy (`--moe-router-type`): `topk` (Megatron-Core's top-k router, with
     group-limited routing and Sinkhorn as options), `noisy_topk` (Shazeer et al. 2017, a learned
     noise projection and importance + load losses) or `expert_choice` (Zhou et al. 2022: every
-    expert takes its top tokens, up to the capacity)."""
+    expert takes its top ceil(T*K/E*c) tokens by softmax gate, c the capacity factor; see
+    `router.ExpertChoiceRouter`)."""
     num_groups: Optional[int] = None
     """Group-limited routing: the experts form this many equal groups, consecutive by id
     (`--moe-router-num-groups`, e.g. the EP size for device-limited routing)."""
@@ -583,7 +584,7 @@ def _validate_moe(moe: MoEConfig, m: ModelConfig, p: ParallelConfig) -> None:
     if moe.score_function not in ("softmax", "sigmoid"):
         raise ValueError("--moe-router-score-function must be softmax or sigmoid")
     if (moe.router_topk == 1 and moe.score_function == "softmax" and not moe.pre_softmax
-            and moe.load_balancing_type != "sinkhorn"):
+            and moe.load_balancing_type != "sinkhorn" and moe.router_type != "expert_choice"):
         raise ValueError("--moe-router-topk 1 with softmax scores needs --moe-router-pre-softmax: a softmax over "
                          "the one chosen expert is always 1, so the router would learn nothing from the LM loss")
     if moe.enable_expert_bias and moe.score_function != "sigmoid":
@@ -657,4 +658,15 @@ def _validate_router(moe: MoEConfig) -> None:
             raise ValueError("--moe-router-type noisy_topk has its own importance and load losses: "
                              "--moe-router-load-balancing-type must be aux_loss (default) or none")
     if moe.router_type == "expert_choice":
-        raise ValueError("--moe-router-type expert_choice is not implemented yet")
+        if moe.capacity_factor is None:
+            raise ValueError("--moe-router-type expert_choice needs --moe-expert-capacity-factor c: every expert "
+                             "takes ceil(T * topk / num_experts * c) tokens")
+        if moe.score_function != "softmax" or moe.enable_expert_bias or moe.topk_scaling_factor:
+            raise ValueError("--moe-router-type expert_choice gates with the softmax over all experts: no "
+                             "--moe-router-score-function sigmoid, expert bias or --moe-router-topk-scaling-factor")
+        if moe.aux_loss_coeff != 0 or moe.load_balancing_type not in ("aux_loss", "none"):
+            raise ValueError("--moe-router-type expert_choice is balanced by construction: no balancing loss "
+                             "(--moe-aux-loss-coeff 0, --moe-router-load-balancing-type none)")
+        if moe.token_drop_policy != "probs":
+            raise ValueError("--moe-router-type expert_choice picks each expert's highest-gate tokens: "
+                             "--moe-token-drop-policy must be probs")

@@ -54,6 +54,10 @@ SCENARIOS = [
      "--moe-aux-loss-coeff 1e-2", False),
     ("ep2-allgather-noisy-topk-fp64-capacity", 2, 2, "--moe-token-dispatcher-type allgather --moe-router-type "
      "noisy_topk --moe-aux-loss-coeff 1e-2 --moe-router-dtype fp64 --moe-expert-capacity-factor 1.0", False),
+    ("ep2-alltoall-expert-choice-pad", 2, 2, "--moe-token-dispatcher-type alltoall --moe-router-type expert_choice "
+     "--moe-aux-loss-coeff 0 --moe-expert-capacity-factor 1.0 --moe-pad-expert-input-to-capacity", False),
+    ("ep2-allgather-expert-choice", 2, 2, "--moe-token-dispatcher-type allgather --moe-router-type expert_choice "
+     "--moe-aux-loss-coeff 0 --moe-expert-capacity-factor 0.5", False),
 ]
 
 

@@ -2,14 +2,15 @@
 
 Each scenario trains a few steps with T = 2 (alone, with sequence parallelism, beside expert,
 pipeline and data parallelism, with the distributed optimizer; with the experts' FFN width split
-over ETP = 2 under each dispatcher, with capacity dropping and padding, and with expert biases)
+over ETP = 2 under each dispatcher, with capacity dropping and padding, with expert biases, and
+with each of the other routers)
 and in one process with the same global batch, and compares the loss curve, the gradient
 norms, the expert loads and every parameter slice each rank holds against the same slice of the
 single-process parameters: relative difference < 1e-5 for losses and norms in fp32, < 1e-4 for
 the parameters after three Adam steps (Adam divides each gradient by its own magnitude, which
 magnifies the last bits of small gradients; the key norm's bias, whose gradient is zero up to
 rounding because softmax ignores a constant shift, is left out). The aux loss and z-loss are on
-in every MoE scenario.
+in every MoE scenario (the z-loss alone with sinkhorn and expert choice, which have no aux loss).
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ SCENARIOS = [
     ("tp2-moe-sp-sinkhorn", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
      "--expert-tensor-parallel-size 1 --moe-router-load-balancing-type sinkhorn --moe-aux-loss-coeff 0"),
     ("tp2-moe-etp2-noisy-topk", 2, MOE, "--tensor-model-parallel-size 2 --moe-router-type noisy_topk"),
+    # expert choice selects each expert's tokens over the whole micro-batch (gathered gates)
+    ("tp2-moe-sp-etp2-expert-choice", 2, MOE, "--tensor-model-parallel-size 2 --sequence-parallel "
+     "--moe-router-type expert_choice --moe-aux-loss-coeff 0 --moe-expert-capacity-factor 1.0"),
 ]
 
 

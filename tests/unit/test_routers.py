@@ -1,4 +1,4 @@
-"""The routing strategies beside plain top-k (group-limited, Sinkhorn, noisy top-k), the router
+"""The routing strategies beside plain top-k (group-limited, Sinkhorn, noisy top-k, expert choice), the router
 dtype, forced load balancing and the Switch top-1 recipe, against direct computations on small
 tensors written out from the formulas (not the routers' helpers). Megatron-Core's own numbers
 for group-limited routing, Sinkhorn and fp64 are in test_router_megatron_parity.py.
@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from megatron.core.transformer.moe.router import (GroupLimitedRouter, NoisyTopKRouter, SinkhornRouter, TopKRouter,
-                                                  build_router)
+from megatron.core.transformer.moe import health
+from megatron.core.transformer.moe.router import (ExpertChoiceRouter, GroupLimitedRouter, NoisyTopKRouter,
+                                                  SinkhornRouter, TopKRouter, build_router)
 from tests.helpers import make_config
 
 E, D = 8, 32
@@ -242,6 +243,68 @@ def test_noisy_topk_noise_is_keyed_by_step_and_micro_batch_and_repeats_on_recomp
     assert not torch.equal(r(x, seq_length=8).probs_TK, a.probs_TK)
 
 
+# ------------------------------------------------------------------ expert choice
+
+EC = "--moe-router-type expert_choice --moe-aux-loss-coeff 0 --moe-z-loss-coeff 1e-3 "
+
+
+@pytest.mark.parametrize("K, c, T", [(2, 1.0, 40), (1, 1.5, 24), (2, 0.6, 30)])
+def test_expert_choice_against_direct_computation(K, c, T):
+    r = router_for(EC + f"--moe-router-topk {K} --moe-expert-capacity-factor {c}")
+    assert isinstance(r, ExpertChoiceRouter)
+    with torch.no_grad():
+        r.weight[:2] += 0.3  # skewed gates: some tokens wanted by several experts, some by none
+    x = torch.randn(T, D)
+    out = r(x, seq_length=T)
+    C = math.ceil(T * K / E * c)
+    assert out.capacity == C
+    gates = torch.softmax(x @ r.weight.t(), -1).detach()
+    keep = torch.zeros(T, E, dtype=torch.bool)
+    for e in range(E):
+        best = sorted(range(T), key=lambda t: (-float(gates[t, e]), t))[:C]
+        keep[best, e] = True
+    assert torch.equal(out.keep_TK, keep)
+    assert torch.equal(out.expert_idx_TK, torch.arange(E).expand(T, E))
+    torch.testing.assert_close(out.probs_TK, gates * keep)
+    assert out.keep_TK.sum(0).tolist() == [C] * E  # exactly C tokens per expert
+    picks = out.keep_TK.sum(1)
+    assert int(picks.min()) == 0 and int(picks.max()) >= 2  # a token may get no expert, or several
+    s = out.stats
+    assert s.tokens_per_expert_E.tolist() == [float(C)] * E == s.routed_per_expert_E.tolist()
+    assert float(s.dropped) == float((picks == 0).sum()) and float(s.assignments) == T
+    assert float(s.load_balancing_loss) == 0 and float(s.z_loss) > 0
+    torch.testing.assert_close(out.aux_loss, 1e-3 * torch.logsumexp(x @ r.weight.t(), -1).pow(2).mean())
+    assert health.layer_health(s.tokens_per_expert_E, float(s.dropped / s.assignments))["gini"] == 0
+
+
+def test_expert_choice_capacity_above_the_tokens_takes_every_token():
+    r = router_for(EC + "--moe-router-topk 2 --moe-expert-capacity-factor 8")
+    out = r(torch.randn(6, D), seq_length=6)
+    assert out.capacity == 6 and bool(out.keep_TK.all())
+
+
+def test_expert_choice_layer_output_is_the_gated_sum_and_trains_the_router():
+    """The MoE layer's output is sum over the experts that picked t of gate * expert(x_t), and the
+    LM-side gradient reaches the router weight through the gates."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    torch.manual_seed(0)
+    cfg = make_config(f"--num-experts {E} " + EC + "--moe-router-topk 2 --moe-expert-capacity-factor 0.5").model
+    layer = MoELayer(cfg)
+    x = torch.randn(2, 12, D)
+    out, routing = layer(x)
+    x_TD = x.reshape(24, D)
+    ref = torch.zeros(24, D)
+    for e in range(E):
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[e] = 24
+        ref += routing.probs_TK[:, e:e + 1].detach() * layer.experts(x_TD, counts).detach()
+    torch.testing.assert_close(out.reshape(24, D), ref, rtol=1e-5, atol=1e-6)
+    assert int((routing.keep_TK.sum(1) == 0).sum()) > 0  # unpicked tokens get 0 from the routed experts
+    assert out.reshape(24, D)[~routing.keep_TK.any(1)].abs().max() == 0
+    out.sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.norm() > 0
+
+
 # ------------------------------------------------------------------ configuration
 
 @pytest.mark.parametrize("extra, message", [
@@ -254,7 +317,15 @@ def test_noisy_topk_noise_is_keyed_by_step_and_micro_batch_and_repeats_on_recomp
     ("--moe-router-type noisy_topk --moe-router-score-function sigmoid", "noisy_topk"),
     ("--moe-router-type noisy_topk --moe-router-load-balancing-type seq_aux_loss", "noisy_topk"),
     ("--moe-router-type noisy_topk --moe-router-force-load-balancing", "force-load-balancing"),
-    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1", "not implemented yet"),
+    ("--moe-router-type expert_choice", "needs --moe-expert-capacity-factor"),
+    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1 --moe-aux-loss-coeff 1e-2", "by construction"),
+    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1 --moe-router-load-balancing-type seq_aux_loss",
+     "by construction"),
+    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1 --moe-router-score-function sigmoid",
+     "softmax over all experts"),
+    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1 --moe-token-drop-policy position", "probs"),
+    ("--moe-router-type expert_choice --moe-expert-capacity-factor 1 --moe-router-num-groups 4 "
+     "--moe-router-group-topk 1", "needs --moe-router-type topk"),
 ])
 def test_refused_combinations(extra, message):
     with pytest.raises(ValueError, match=message):

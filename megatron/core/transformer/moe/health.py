@@ -9,6 +9,7 @@ over micro-batches and ranks: the step's global counts), as a tensor or anything
                          x_(1) <= ... <= x_(E) sorted ascending     takes all
     load entropy         -sum_e p_e log p_e / log E  (0 log 0 = 0)  1 balanced, 0 when one expert takes all
     dropped fraction     dropped assignments / all assignments     (capacity factor only)
+                         (expert choice: tokens no expert picked / tokens)
 
 "Normalised routing entropy" means two numbers here:
   * `load_entropy`: the entropy of the load distribution p_e above (how evenly the tokens spread

@@ -1,6 +1,6 @@
 """The MoE feed-forward layer: router -> dispatch -> grouped experts -> combine (+ shared expert).
 
-    hidden_BSD -> TopKRouter -> probs_TK, expert_idx_TK (+ aux losses)
+    hidden_BSD -> router -> probs_TK, expert_idx_TK, keep_TK (+ aux losses)
                -> dispatcher.dispatch -> x_ND grouped by local expert
                -> GroupedExperts -> y_ND
                -> dispatcher.combine -> out_TD (probability-weighted sum over K)

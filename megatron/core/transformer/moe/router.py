@@ -35,6 +35,9 @@ The strategies (`build_router` picks one from the config):
                           (`--moe-router-load-balancing-type sinkhorn`, Megatron-Core's semantics)
     NoisyTopKRouter       Shazeer et al. 2017: top-k of logits plus learned Gaussian noise, with
                           importance and load losses (`--moe-router-type noisy_topk`)
+    ExpertChoiceRouter    Zhou et al. 2022: every expert takes its top-C tokens of the micro-batch
+                          (`--moe-router-type expert_choice --moe-expert-capacity-factor c`); a
+                          token gets zero, one or several experts
 
 `--moe-router-force-load-balancing` (top-k routers) replaces the logits by N(0, 1) draws with the
 gradient passed straight through, as Megatron-Core does for performance work: routing is then
@@ -72,7 +75,9 @@ from megatron.core.transformer.moe import health, load_balancing
 
 @dataclass
 class RouterOutput:
-    """What the dispatcher and the loop need from routing T tokens to K experts each.
+    """What the dispatcher and the loop need from routing T tokens: a table of K assignments a
+    token (K = --moe-router-topk; `ExpertChoiceRouter`: K = E, one column an expert, keep_TK
+    marking the experts that picked the token, so a token has zero, one or several).
 
     probs_TK: combine weights of the chosen experts (0 where the assignment was dropped).
     expert_idx_TK: chosen expert ids (int64).
@@ -100,6 +105,9 @@ class RouterStats:
         capacity: the padded slots), the counts the expert-bias update balances, as in
         Megatron-Core.
     dropped: assignments dropped for capacity. assignments: T*K.
+        (`ExpertChoiceRouter`: dropped counts the tokens that no expert picked and assignments
+        the tokens T, so dropped / assignments is the fraction of tokens that skip the routed
+        experts; tokens_per_expert_E = routed_per_expert_E = the picks, C per expert.)
     load_balancing_loss, z_loss: the loss values WITHOUT their coefficients (0 when off),
         the numbers Megatron-LM logs.
     token_entropy: [sum over tokens of the normalised entropy of the token's routing
@@ -532,6 +540,82 @@ class NoisyTopKRouter(TopKRouter):
         return loss + (loss.detach() / self.token_shards - loss.detach())
 
 
+class ExpertChoiceRouter(TopKRouter):
+    """Expert-choice routing (Zhou et al. 2022, `--moe-router-type expert_choice`).
+
+        logits_TE = x_TD @ W^T (+ b)                      (`router.weight`, as TopKRouter's)
+        gates_TE  = softmax over the E experts of logits_TE
+        C         = min(T, ceil(T * K / E * c))           (`expert_capacity`, T = the micro-batch's
+                                                            tokens, K = --moe-router-topk, the
+                                                            average experts a token,
+                                                            c = --moe-expert-capacity-factor)
+        expert e takes the C tokens with the highest gates_te (ties: the earlier token)
+        out_t     = sum over the experts e that took t of gates_te * expert_e(x_t)
+
+    Zhou et al. write the capacity k * T / E * c' with their own factor; here c is Megatron's
+    capacity factor and K the average experts per token, the same formula as top-k capacity.
+    Every expert processes exactly C tokens, so there is no balancing loss (the z-loss may
+    apply); a token may be picked by several experts or by none (then only the residual carries
+    it; `RouterStats.dropped` counts these tokens). Evaluation routes the same way, so a
+    token's experts depend on the other tokens of its micro-batch, later positions included
+    (as in the paper).
+
+    The output is an assignment table of width E: expert_idx_TE[t, e] = e, keep_TE[t, e] =
+    whether expert e picked t, probs_TE = gates_te where picked (else 0); the dispatchers and
+    experts take it as K = E assignments a token, most of them dropped. This costs O(T * E)
+    index work and a [T, E, D] buffer in `unpermute`: fine for tens of experts, a compact table
+    (K' = the most experts any token got) would be better for many experts.
+
+    Under tensor parallelism the selection is over the whole micro-batch: each rank gathers
+    the group's gates (T x E floats, no gradient), selects, and keeps its shard of the mask.
+    Under expert and data parallelism each rank routes its own micro-batches, as in one process.
+    """
+
+    def forward(self, hidden_TD: torch.Tensor, seq_length: int) -> RouterOutput:
+        moe, E = self.moe, self.moe.num_experts
+        logits_TE = self.gating(self.jitter(hidden_TD))
+        gates_TE = torch.softmax(logits_TE, dim=-1)
+        T = logits_TE.shape[0]
+        keep_TE, capacity = self.choose(gates_TE.detach(), seq_length)
+        probs_TE = gates_TE * keep_TE
+        expert_idx_TE = torch.arange(E, device=logits_TE.device).expand(T, E).contiguous()
+        routed_E = keep_TE.sum(0).float()
+        with_losses = self.training and torch.is_grad_enabled()
+        z_raw = (load_balancing.z_loss(logits_TE) / self.token_shards if with_losses and moe.z_loss_coeff is not None
+                 else logits_TE.new_zeros(()))
+        aux_loss = z_raw * (moe.z_loss_coeff or 0.0)
+        stats = RouterStats(
+            tokens_per_expert_E=routed_E,
+            routed_per_expert_E=routed_E.clone(),
+            dropped=(~keep_TE.any(dim=1)).sum().float(),
+            assignments=routed_E.new_tensor(float(T)),
+            load_balancing_loss=routed_E.new_zeros(()),
+            z_loss=z_raw.detach().float(),
+            token_entropy=health.token_entropy_stat(gates_TE.detach().float()),
+        )
+        if with_losses:
+            self.record(stats)
+        return RouterOutput(probs_TE, expert_idx_TE, keep_TE, capacity, aux_loss, stats)
+
+    def choose(self, gates_TE: torch.Tensor, seq_length: int) -> tuple[torch.Tensor, int]:
+        """keep_TE (expert e picked token t) and the capacity C, decided over the whole
+        micro-batch (under tensor parallelism: on the group's gathered gates, in (batch, position)
+        order, this rank keeping its positions)."""
+        moe, (T, E) = self.moe, gates_TE.shape
+        group, n = self.token_group, self.token_shards
+        B = T // seq_length
+        if n > 1:
+            gates_TE = mappings.all_gather(gates_TE.view(B, seq_length, E), group, 1).reshape(-1, E)
+        whole_T = gates_TE.shape[0]
+        capacity = min(whole_T, expert_capacity(whole_T, E, moe.router_topk, moe.capacity_factor))
+        chosen_EC = torch.argsort(gates_TE.t(), dim=1, descending=True, stable=True)[:, :capacity]
+        keep_ET = torch.zeros(E, whole_T, dtype=torch.bool, device=gates_TE.device).scatter_(1, chosen_EC, True)
+        keep_TE = keep_ET.t()
+        if n > 1:
+            keep_TE = mappings.split_along_dim(keep_TE.reshape(B, n * seq_length, E), group, 1).reshape(T, E)
+        return keep_TE.contiguous(), capacity
+
+
 def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
                  token_group: Optional[dist.ProcessGroup] = None,
                  data_group: Optional[dist.ProcessGroup] = None) -> Router:
@@ -543,6 +627,8 @@ def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = No
     moe = config.moe
     if moe.router_type == "noisy_topk":
         return NoisyTopKRouter(config, dp_group, token_group, data_group)
+    if moe.router_type == "expert_choice":
+        return ExpertChoiceRouter(config, dp_group, token_group)
     if moe.router_type != "topk":
         raise ValueError(f"--moe-router-type {moe.router_type} is not implemented yet")
     if moe.load_balancing_type == "sinkhorn":

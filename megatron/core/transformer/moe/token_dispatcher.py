@@ -9,6 +9,9 @@ groups. The model calls
 
 where rows of x_ND are grouped by local expert (L = E / EP experts on this rank), and out_TD is
 the probability-weighted sum over each token's K experts (dropped assignments contribute 0).
+K is the width of the router's assignment table, nothing assumes a token has K experts: expert
+choice routing passes K = E columns, keep_TK marking the experts that picked the token (zero,
+one or several; `router.ExpertChoiceRouter`).
 
 * `LocalDispatcher` (EP = 1): sort the T*K assignments by expert, compute, unsort.
 * `AllToAllDispatcher`: sort by global expert, exchange counts, `all_to_all_single` with uneven
