@@ -35,7 +35,7 @@ import torch
 from megatron.core.config import ModelConfig, MoEConfig
 from megatron.core.optimizer import is_expert_param
 from megatron.core.pipeline_parallel.layout import PipelineLayout
-from megatron.core.tensor_parallel.sharding import tensor_split
+from megatron.core.tensor_parallel.sharding import shard_state, tensor_split
 from megatron.training import megatron_layout
 from megatron.training.atomic_dir import atomic_directory
 from megatron.training.checkpointing import (
@@ -418,17 +418,7 @@ def split_rank_shards(state: dict[str, torch.Tensor], tp_size: int, ep_size: int
     experts = split_expert_shards(state, ep_size)
     out = {}
     for (t, e), (_, j) in sorted(legacy_rank_files(tp_size, ep_size, etp_size).items()):
-        shard = {}
-        for name, tensor in experts[e].items():
-            pname = param_name(name)
-            split = tensor_split(pname, swiglu)
-            if split is None:
-                shard[name] = tensor
-            elif split.expert:
-                shard[name] = split.shard(tensor, j, etp_size)
-            else:
-                shard[name] = split.shard(tensor, t, tp_size)
-        out[(t, e)] = shard
+        out[(t, e)] = shard_state(experts[e], swiglu, t, tp_size, j, etp_size, param_name)
     return out
 
 

@@ -74,11 +74,12 @@ def tensor_split(name: str, swiglu: bool) -> Optional[TensorSplit]:
 
 
 def shard_state(whole: dict[str, torch.Tensor], swiglu: bool, tp_rank: int, tp_size: int,
-                etp_rank: int = 0, etp_size: int = 1) -> dict[str, torch.Tensor]:
-    """A rank's slices of a whole state dict (experts: whole along the expert dimension)."""
+                etp_rank: int = 0, etp_size: int = 1, param_name=lambda key: key) -> dict[str, torch.Tensor]:
+    """A rank's slices of a whole state dict (experts: whole along the expert dimension).
+    `param_name(key)` is the parameter name of a key, for state dicts keyed otherwise."""
     out = {}
     for name, t in whole.items():
-        split = tensor_split(name, swiglu)
+        split = tensor_split(param_name(name), swiglu)
         if split is None:
             out[name] = t
         elif split.expert:
