@@ -120,7 +120,7 @@ class Trainer:
         self.dp.zero_grad(backward_passes=n)
         loss_scale = self.scaler.scale if self.scaler else 1.0
         for router in self.routers:
-            router.start_step()
+            router.start_step(self.state.iteration)
             router.aux_loss_grad_scale = loss_scale / n
         lm_sum = self.schedule.train(batches, loss_scale)
         self.dp.finish_grad_sync()

@@ -110,3 +110,17 @@ def test_tensorboard_scalars_include_per_layer_expert_load(tmp_path, capsys):
         assert tag in tags, tag
     counts = [events.Scalars(f"moe/layer_00/tokens_per_expert/expert_{e:03d}")[-1].value for e in range(4)]
     assert sum(counts) == pytest.approx(4 * 16 * 2)  # tokens per micro-batch x micro-batches x top-k
+
+
+def test_exact_resume_noisy_topk(tmp_path, capsys):
+    """Noisy top-k draws its noise from the training loop's iteration: a resumed run draws what
+    the uninterrupted run drew."""
+    common = "--train-iters 6 --moe-router-type noisy_topk --moe-aux-loss-coeff 1e-2 --lr-warmup-iters 2"
+    pretrain(make_config(common))
+    full = losses_from(capsys.readouterr().out)
+    save = tmp_path / "ckpt"
+    pretrain(make_config(common + f" --save {save} --exit-interval 3"))
+    first = losses_from(capsys.readouterr().out)
+    pretrain(make_config(common + f" --load {save}"))
+    resumed = losses_from(capsys.readouterr().out)
+    assert {**first, **resumed} == full

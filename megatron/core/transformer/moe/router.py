@@ -198,8 +198,9 @@ class Router(nn.Module):
         `replayed_state` (torch may recompute a forward more than once, in any order)."""
         return None
 
-    def start_step(self) -> None:
-        """Called before the first micro-batch of every optimizer step."""
+    def start_step(self, iteration: Optional[int] = None) -> None:
+        """Called before the first micro-batch of every optimizer step; `iteration` is the number
+        of steps completed so far (the training loop's, so that it continues across a resume)."""
         self.step_stats = None
 
     def record(self, stats: RouterStats) -> None:
@@ -379,8 +380,8 @@ class TopKRouter(Router):
             self.step_micro_batches += 1
         return self.step_counts_E / self.step_micro_batches, num_tokens
 
-    def start_step(self) -> None:
-        super().start_step()
+    def start_step(self, iteration: Optional[int] = None) -> None:
+        super().start_step(iteration)
         self.step_counts_E.zero_()
         self.step_micro_batches.zero_()
 
@@ -479,21 +480,21 @@ class NoisyTopKRouter(TopKRouter):
     index in the global batch = local index * DP + DP rank, as the data sampler deals them out)
     for the whole micro-batch, and each tensor-parallel rank takes its sequence shard. A
     recomputed forward (activation recompute) redraws the noise of the forward it repeats (its
-    key is kept in the recompute context, see `replay_state`). The step count restarts at 0 when
-    training resumes from a checkpoint.
+    key is kept in the recompute context, see `replay_state`). The step is the training loop's
+    iteration, so a run resumed from a checkpoint draws the noise of the uninterrupted run.
     """
 
     def __init__(self, config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
                  token_group: Optional[dist.ProcessGroup] = None, data_group: Optional[dist.ProcessGroup] = None):
         super().__init__(config, dp_group, token_group)
         self.noise_weight = nn.Parameter(torch.zeros(self.moe.num_experts, config.hidden_size))
-        self.noise_seed = int(torch.randint(0, 2 ** 31 - 1, ()))  # from the layer's seeded init stream
+        self.noise_seed = int(torch.randint(0, 2 ** 31 - 1, (), device="cpu"))  # the layer's seeded CPU stream (also when built on meta)
         self.data_ranks, self.data_rank = mappings.group_size(data_group), mappings.group_rank(data_group)
         self.steps, self.forwards = -1, 0
 
-    def start_step(self) -> None:
-        super().start_step()
-        self.steps, self.forwards = self.steps + 1, 0
+    def start_step(self, iteration: Optional[int] = None) -> None:
+        super().start_step(iteration)
+        self.steps, self.forwards = (self.steps + 1 if iteration is None else iteration), 0
 
     def replay_state(self) -> tuple[int, int]:
         return self.steps, self.forwards
