@@ -123,6 +123,24 @@ def total_params(model) -> tuple[int, int, int]:
     return embed + dense + expert, expert, embed + dense
 
 
+def active_params(model) -> int:
+    """Parameters one token uses (EP = 1): the word embedding and output layer (once if tied),
+    attention, dense FFNs, and per MoE layer the router, the shared expert and K routed experts.
+    Counts the embedding as the published "active" figures do (Mixtral 8x7B: 12.9B of 46.7B);
+    like `total_params`, norms and biases are not counted (`norm_params`)."""
+    D, V = model.hidden_size, model.vocab_size
+    embed = D * V * (1 if not model.untie_embeddings_and_output_weights else 2)
+    return embed + sum(active_params_per_layer(model, i) for i in range(model.num_layers))
+
+
+def norm_params(model) -> int:
+    """The norms' weights (and LayerNorm biases), which `total_params` and `active_params` leave
+    out: two per layer, the final norm, and with --qk-layernorm a head-dim norm each for q and k."""
+    per_norm = model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
+    qk = 2 * model.kv_channels * (2 if model.normalization == "LayerNorm" else 1) if model.qk_layernorm else 0
+    return model.num_layers * (2 * per_norm + qk) + per_norm
+
+
 def precision_bytes(training) -> tuple[int, int, int]:
     """(weight, gradient, optimizer) bytes per parameter before sharding: fp32 16, bf16/fp16 18."""
     if training.bf16 or training.fp16:
@@ -508,7 +526,7 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
         "dp": dp, "ep": ep, "edp": edp, "microbatches": mb,
         "precision": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
         "distributed_optimizer": p.use_distributed_optimizer,
-        "total_params": total, "active_params_per_token": flops_token / 6,
+        "total_params": total, "active_params": active_params(m), "active_params_per_token": flops_token / 6,
         "local_params": worst["params"], "tokens_per_gpu_per_step": tokens_per_gpu,
         "compute_s": slow["compute_s"], "a2a_bytes_per_gpu": slow["a2a_bytes"], "a2a_s": slow["a2a_s"],
         "a2a_inter_node": spans_nodes, "tp_bytes_per_gpu": slow["tp_bytes"], "tp_s": slow["tp_s"],
@@ -601,7 +619,8 @@ def print_estimate(r: dict, nodes: int, gpus_per_node: int, overlap: bool) -> No
     print(f"world {r['world']} ({nodes} x {gpus_per_node}): tensor-parallel T={r['tp']}{sp}, pipeline P={r['pp']} "
           f"V={r['vp']}, data-parallel DP={r['dp']}, expert-parallel EP={r['ep']}, expert-tensor-parallel "
           f"ETP={r['etp']}, expert-data-parallel EDP={r['edp']}; {r['microbatches']} micro-batches per step")
-    print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['local_params'] / 1e9:.2f} B per GPU "
+    print(f"parameters: {r['total_params'] / 1e9:.2f} B total, {r['active_params'] / 1e9:.2f} B active, "
+          f"{r['local_params'] / 1e9:.2f} B per GPU "
           f"(stage {r['worst_stage']}); training FLOPs per token / 6 = {r['active_params_per_token'] / 1e9:.2f} B")
     print(f"per step and GPU: {r['tokens_per_gpu_per_step']:.0f} tokens, compute {r['compute_s'] * 1e3:.1f} ms "
           f"(slowest stage)")
