@@ -299,22 +299,34 @@ class TopKRouter(Router):
             self.record(stats)
         return RouterOutput(probs_TK, expert_idx_TK, keep_TK, capacity, aux_loss, stats)
 
+    def whole_micro_batch(self, t_TX: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """A per-token tensor of this rank's positions (T = B * s rows) -> the whole micro-batch's
+        (B * S rows, in (batch, position) order): all-gathered over the tensor-parallel group.
+        Not differentiable; the identity without tensor parallelism."""
+        if self.token_shards == 1:
+            return t_TX
+        B = t_TX.shape[0] // seq_length
+        return mappings.all_gather(t_TX.reshape(B, seq_length, -1), self.token_group, 1).reshape(-1, t_TX.shape[1])
+
+    def own_positions(self, t_TX: torch.Tensor, seq_length: int) -> torch.Tensor:
+        """Inverse of `whole_micro_batch`: this rank's rows of a whole-micro-batch tensor."""
+        n = self.token_shards
+        if n == 1:
+            return t_TX
+        B = t_TX.shape[0] // (n * seq_length)
+        return mappings.split_along_dim(t_TX.reshape(B, n * seq_length, -1), self.token_group, 1).reshape(-1, t_TX.shape[1])
+
     def capacity_mask(self, probs_TK: torch.Tensor, expert_idx_TK: torch.Tensor, seq_length: int
                       ) -> tuple[torch.Tensor, int]:
         """keep_TK and the capacity, decided over the whole micro-batch: under tensor parallelism
         the group's choices are gathered in (batch, position) order, the mask is computed on all
         of them, and this rank keeps its positions."""
         moe, (T, K) = self.moe, expert_idx_TK.shape
-        group, n = self.token_group, self.token_shards
-        if n > 1:
-            B = T // seq_length
-            gather = lambda t: mappings.all_gather(t.view(B, seq_length, K), group, 1).reshape(-1, K)  # noqa: E731
-            probs_TK, expert_idx_TK = gather(probs_TK.detach()), gather(expert_idx_TK)
-        capacity = expert_capacity(T * n, moe.num_experts, K, moe.capacity_factor)
-        keep_TK = capacity_keep_mask(probs_TK.detach(), expert_idx_TK, moe.num_experts, capacity, moe.token_drop_policy)
-        if n > 1:
-            keep_TK = mappings.split_along_dim(keep_TK.view(B, n * seq_length, K), group, 1).reshape(T, K)
-        return keep_TK, capacity
+        probs_TK = self.whole_micro_batch(probs_TK.detach(), seq_length)
+        expert_idx_TK = self.whole_micro_batch(expert_idx_TK, seq_length)
+        capacity = expert_capacity(T * self.token_shards, moe.num_experts, K, moe.capacity_factor)
+        keep_TK = capacity_keep_mask(probs_TK, expert_idx_TK, moe.num_experts, capacity, moe.token_drop_policy)
+        return self.own_positions(keep_TK, seq_length), capacity
 
     def jitter(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Multiply by uniform noise in [1-eps, 1+eps] while training (Switch Transformer)."""
@@ -446,17 +458,9 @@ class SinkhornRouter(TopKRouter):
 
     def balanced_topk(self, logits_TE: torch.Tensor, seq_length: int) -> torch.Tensor:
         """Top-k of sinkhorn(logits) over the whole micro-batch (in fp32 at least)."""
-        K, group, n = self.moe.router_topk, self.token_group, self.token_shards
-        T, E = logits_TE.shape
-        B = T // seq_length
-        if n > 1:
-            logits_TE = mappings.all_gather(logits_TE.view(B, seq_length, E), group, 1).reshape(-1, E)
-        expert_idx_TK = torch.topk(load_balancing.sinkhorn(logits_TE.to(torch.promote_types(logits_TE.dtype,
-                                                                                            torch.float32))),
-                                   K, dim=1).indices
-        if n > 1:
-            expert_idx_TK = mappings.split_along_dim(expert_idx_TK.view(B, n * seq_length, K), group, 1).reshape(T, K)
-        return expert_idx_TK
+        logits_TE = self.whole_micro_batch(logits_TE, seq_length)
+        balanced_TE = load_balancing.sinkhorn(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)))
+        return self.own_positions(torch.topk(balanced_TE, self.moe.router_topk, dim=1).indices, seq_length)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -527,9 +531,8 @@ class NoisyTopKRouter(TopKRouter):
         key = ((self.noise_seed * 1_000_003 + max(step, 0)) * 1_000_003 + micro_batch) % (2 ** 63 - 1)
         gen = torch.Generator(device=like_TE.device).manual_seed(key)
         T, E = like_TE.shape
-        B, n = T // seq_length, self.token_shards
-        noise_BSE = torch.randn(B, n * seq_length, E, generator=gen, device=like_TE.device, dtype=like_TE.dtype)
-        return mappings.split_along_dim(noise_BSE, self.token_group, 1).reshape(T, E) if n > 1 else noise_BSE.view(T, E)
+        noise_NE = torch.randn(T * self.token_shards, E, generator=gen, device=like_TE.device, dtype=like_TE.dtype)
+        return self.own_positions(noise_NE, seq_length)
 
     def share(self, loss_fn, local_E: torch.Tensor) -> torch.Tensor:
         """loss_fn of the micro-batch's total (summed over the tensor-parallel shards): this rank's
@@ -602,19 +605,13 @@ class ExpertChoiceRouter(TopKRouter):
         """keep_TE (expert e picked token t) and the capacity C, decided over the whole
         micro-batch (under tensor parallelism: on the group's gathered gates, in (batch, position)
         order, this rank keeping its positions)."""
-        moe, (T, E) = self.moe, gates_TE.shape
-        group, n = self.token_group, self.token_shards
-        B = T // seq_length
-        if n > 1:
-            gates_TE = mappings.all_gather(gates_TE.view(B, seq_length, E), group, 1).reshape(-1, E)
+        moe, E = self.moe, gates_TE.shape[1]
+        gates_TE = self.whole_micro_batch(gates_TE, seq_length)
         whole_T = gates_TE.shape[0]
         capacity = min(whole_T, expert_capacity(whole_T, E, moe.router_topk, moe.capacity_factor))
         chosen_EC = torch.argsort(gates_TE.t(), dim=1, descending=True, stable=True)[:, :capacity]
         keep_ET = torch.zeros(E, whole_T, dtype=torch.bool, device=gates_TE.device).scatter_(1, chosen_EC, True)
-        keep_TE = keep_ET.t()
-        if n > 1:
-            keep_TE = mappings.split_along_dim(keep_TE.reshape(B, n * seq_length, E), group, 1).reshape(T, E)
-        return keep_TE.contiguous(), capacity
+        return self.own_positions(keep_ET.t(), seq_length).contiguous(), capacity
 
 
 def build_router(config: ModelConfig, dp_group: Optional[dist.ProcessGroup] = None,
