@@ -104,11 +104,6 @@ def _spawn(fn, *args) -> None:
     mp.start_processes(_worker, args=(P, _free_port(), fn, args), nprocs=P, join=True, start_method="spawn")
 
 
-def _run(python: str, work: str, step: str, variant: str) -> None:
-    subprocess.run([python, os.path.abspath(__file__), "--step", step, "--variant", variant, "--work-dir", work],
-                   check=True, cwd=work)  # outside the checkout: Megatron-Core's `megatron` must not meet ours
-
-
 # ============================================================================ our side (this project's venv)
 
 
@@ -409,20 +404,20 @@ def summarise(work: str, variant: str) -> bool:
     return ok_all and ok
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_checks(script: str, doc: str, variants, steps: dict, summarise) -> int:
+    """The command line both checkpoint checks share. `steps`: {name: (side, fn(work, variant))} in
+    the order they run, side "ours" (this interpreter) or "mcore" (--mcore-python); each runs in
+    its own process in the work directory, then `summarise(work, variant)` prints and judges."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--mcore-python", help="python of a venv with megatron-core 0.16.1 (not this project)")
     p.add_argument("--work-dir", required=True)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--step", choices=["ours-save", "mcore-load", "mcore-save", "ours-load", "mcore-loss"],
-                   help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--variants", nargs="+", choices=list(variants), default=list(variants))
+    p.add_argument("--step", choices=list(steps), help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=list(variants), help=argparse.SUPPRESS)
     a = p.parse_args()
     work = os.path.abspath(a.work_dir)
     if a.step is not None:
-        steps = {"ours-save": ours_save, "mcore-load": mcore_load, "mcore-save": mcore_save, "ours-load": ours_load,
-                 "mcore-loss": mcore_loss}
-        steps[a.step](work, a.variant)
+        steps[a.step][1](work, a.variant)
         return 0
     if a.mcore_python is None:
         p.error("--mcore-python is required")
@@ -430,13 +425,18 @@ def main() -> int:
     p1.fixed_batch(work)
     ok = True
     for variant in a.variants:
-        _run(sys.executable, work, "ours-save", variant)
-        _run(a.mcore_python, work, "mcore-load", variant)
-        _run(a.mcore_python, work, "mcore-save", variant)
-        _run(sys.executable, work, "ours-load", variant)
-        _run(a.mcore_python, work, "mcore-loss", variant)
+        for name, (side, _) in steps.items():
+            python = sys.executable if side == "ours" else a.mcore_python
+            subprocess.run([python, os.path.abspath(script), "--step", name, "--variant", variant, "--work-dir", work],
+                           check=True, cwd=work)  # outside the checkout: Megatron-Core's `megatron` must not meet ours
         ok &= summarise(work, variant)
     return 0 if ok else 1
+
+
+def main() -> int:
+    return run_checks(__file__, __doc__, VARIANTS, {
+        "ours-save": ("ours", ours_save), "mcore-load": ("mcore", mcore_load), "mcore-save": ("mcore", mcore_save),
+        "ours-load": ("ours", ours_load), "mcore-loss": ("mcore", mcore_loss)}, summarise)
 
 
 if __name__ == "__main__":

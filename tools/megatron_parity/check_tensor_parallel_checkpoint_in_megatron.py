@@ -65,7 +65,6 @@ fails. Exit status 0 when every check passes (tensors equal, |loss difference| <
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -104,11 +103,6 @@ def _spawn(fn, work: str, variant: str) -> None:
 def _then_barrier(rank: int, fn, work: str, variant: str) -> None:
     fn(rank, work, variant)
     torch.distributed.barrier()
-
-
-def _run(python: str, work: str, step: str, variant: str) -> None:
-    subprocess.run([python, os.path.abspath(__file__), "--step", step, "--variant", variant, "--work-dir", work],
-                   check=True, cwd=work)  # outside the checkout: Megatron-Core's `megatron` must not meet ours
 
 
 # ============================================================================ our side (this project's venv)
@@ -415,33 +409,9 @@ def summarise(work: str, variant: str) -> bool:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mcore-python", help="python of a venv with megatron-core 0.16.1 (not this project)")
-    p.add_argument("--work-dir", required=True)
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    p.add_argument("--step", choices=["ours-save", "mcore-load", "mcore-save", "ours-load", "mcore-t1"],
-                   help=argparse.SUPPRESS)
-    p.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)
-    a = p.parse_args()
-    work = os.path.abspath(a.work_dir)
-    if a.step is not None:
-        steps = {"ours-save": ours_save, "mcore-load": mcore_load, "mcore-save": mcore_save, "ours-load": ours_load,
-                 "mcore-t1": mcore_t1}
-        steps[a.step](work, a.variant)
-        return 0
-    if a.mcore_python is None:
-        p.error("--mcore-python is required")
-    os.makedirs(work, exist_ok=True)
-    p1.fixed_batch(work)
-    ok = True
-    for variant in a.variants:
-        _run(sys.executable, work, "ours-save", variant)
-        _run(a.mcore_python, work, "mcore-load", variant)
-        _run(a.mcore_python, work, "mcore-save", variant)
-        _run(sys.executable, work, "ours-load", variant)
-        _run(a.mcore_python, work, "mcore-t1", variant)
-        ok &= summarise(work, variant)
-    return 0 if ok else 1
+    return p2.run_checks(__file__, __doc__, VARIANTS, {
+        "ours-save": ("ours", ours_save), "mcore-load": ("mcore", mcore_load), "mcore-save": ("mcore", mcore_save),
+        "ours-load": ("ours", ours_load), "mcore-t1": ("mcore", mcore_t1)}, summarise)
 
 
 if __name__ == "__main__":
