@@ -42,6 +42,7 @@ from megatron.core.config import OptimizerConfig, ParallelConfig, TrainingConfig
 from megatron.core.distributed.param_and_grad_buffer import Section, ShardView
 from megatron.core.optimizer import adamw, is_expert_param, param_groups
 from megatron.core.parallel_state import ProcessGroups
+from megatron.core.tensor_parallel.mappings import all_reduce_in_place
 
 DEFAULT_BUCKET_SIZE = 40_000_000
 
@@ -151,15 +152,7 @@ class DataParallel:
     def _sum_partial_grads_over_tp(self) -> None:
         """Sum the gradients of `tp_partial` parameters over the tensor-parallel group (one flat
         all-reduce; under the distributed optimizer every TP peer owns the same buffer ranges)."""
-        if not self.tp_partial:
-            return
-        views = [self.dense.grad_view(p) for p in self.tp_partial]
-        flat = torch.cat([v.reshape(-1) for v in views])
-        dist.all_reduce(flat, group=self.groups.tp)
-        offset = 0
-        for v in views:
-            v.copy_(flat[offset:offset + v.numel()].view_as(v))
-            offset += v.numel()
+        all_reduce_in_place([self.dense.grad_view(p) for p in self.tp_partial], self.groups.tp)
 
     # ------------------------------------------------------------------ norms and clipping
     def _owned_grads(self, section: Section) -> list[torch.Tensor]:

@@ -194,12 +194,5 @@ class VocabParallelEmbedding(nn.Module):
 
 def all_reduce_sequence_parallel_grads(params: Iterable[nn.Parameter], group) -> None:
     """Sum over the TP group the .grad of parameters tagged `sequence_parallel` (one flat all-reduce)."""
-    grads = [p.grad for p in params if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads or group_size(group) == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    mappings.all_reduce_in_place([p.grad for p in params if getattr(p, "sequence_parallel", False)
+                                  and p.grad is not None], group)

@@ -53,6 +53,18 @@ def all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
+def all_reduce_in_place(tensors: list[torch.Tensor], group) -> None:
+    """Sum each tensor over the group, in place, with one all-reduce of their flat concatenation."""
+    if not tensors or _trivial(group):
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def all_gather(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     """Concatenation along `dim` of every rank's x (same shape on all ranks), in rank order."""
     if _trivial(group):
