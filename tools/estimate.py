@@ -5,6 +5,15 @@
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --nodes 2 --pipeline-model-parallel-size 2 \
         --tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1
     python tools/estimate.py --config configs/mixtral_8x7b.yaml --fit 76      # smallest world that fits
+    python tools/estimate.py --config configs/mixtral_8x22b.yaml --plan --nodes 16 --gpus-per-node 8
+
+--plan searches the layouts of the given GPUs (`plan`): pipeline stages P (uneven first/last
+stages where P does not divide the layers) and virtual stages V, tensor-parallel T with sequence
+parallelism inside a node, EP and ETP, micro-batch size and recompute (none, MoE layers, full),
+keeping the config's precision, optimizer and global batch; drops layouts whose worst stage does
+not fit --gpu-memory-gib less --memory-margin, ranks the rest by modelled step time, and prints
+the best --top with memory, bubble, all-to-all and TP volume, step time, MFU and the exact
+pretrain_gpt.py flags of the best (exit status 1 when nothing fits).
     python tools/estimate.py --config configs/tiny_moe.yaml --gpus-per-node 4 --expert-model-parallel-size 4 \
         --tflops 0.05 --intra-node-gbps 8 --alpha-us 200          # a CPU/gloo-sized "device"
 
@@ -551,40 +560,56 @@ def divisors(n: int) -> list[int]:
 TP_SIZES = (1, 2, 4, 8)
 
 
+def with_layout(cfg, world: int, P: int = 1, V: int = 1, tp: int = 1, etp: int = 1, ep: int = 1,
+                mbs: Optional[int] = None, training: Optional[dict] = None, parallel: Optional[dict] = None,
+                ends: tuple = (None, None)):
+    """`cfg` on `world` GPUs with P pipeline stages of V model chunks each (`ends`: the first and
+    last stages' layers when the split is uneven), T tensor-parallel
+    ranks (sequence-parallel when T > 1, as Megatron-LM requires for MoE), EP x ETP expert ranks
+    and micro-batch size `mbs`; `training` / `parallel` override further fields. None when
+    `validate` refuses the layout."""
+    layers_per_chunk = cfg.model.num_layers // (P * V) if V > 1 and ends == (None, None) else None
+    par = dataclasses.replace(
+        cfg.parallel, world_size=world, pipeline_model_parallel_size=P, expert_model_parallel_size=ep,
+        tensor_model_parallel_size=tp, sequence_parallel=tp > 1, expert_tensor_parallel_size=etp,
+        virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=layers_per_chunk,
+        decoder_first_pipeline_num_layers=ends[0], decoder_last_pipeline_num_layers=ends[1], **(parallel or {}))
+    tr = dataclasses.replace(cfg.training, micro_batch_size=mbs or cfg.training.micro_batch_size, **(training or {}))
+    c = dataclasses.replace(cfg, parallel=par, training=tr)
+    try:
+        validate(c)
+    except ValueError:
+        return None
+    return c
+
+
+def tensor_layouts(cfg, stage_ranks: int, max_tp: int = max(TP_SIZES)):
+    """(T, ETP, EP) splits of one stage's ranks: T in {1, 2, 4, 8} up to `max_tp`, ETP in {1, T},
+    EP dividing the experts with EP x ETP dividing the stage's ranks."""
+    experts = cfg.model.moe.num_experts if cfg.model.moe else 1
+    for tp in (x for x in TP_SIZES if stage_ranks % x == 0 and x <= max_tp):
+        for etp in sorted({1, tp}) if cfg.model.moe else [tp]:
+            for ep in (e for e in divisors(experts) if stage_ranks % (e * etp) == 0):
+                yield tp, etp, ep
+
+
 def candidate_configs(cfg, world: int):
-    """Every layout of `world` GPUs: P (dividing world and the layers), T in {1, 2, 4, 8} (with
-    sequence parallelism, as Megatron's recipes run TP; T must divide the heads, query groups,
-    FFN widths and vocabulary), ETP in {1, T} and EP (EP x ETP dividing world / P, EP dividing
-    the experts), distributed optimizer on/off, fp32/bf16, micro-batch sizes 1..8 keeping the
-    global batch. Plain 1F1B with even stages (interleaving only adds activations); recompute
-    flags are kept as given. Layouts that `validate` refuses are skipped."""
-    m, t, p = cfg.model, cfg.training, cfg.parallel
-    experts = m.moe.num_experts if m.moe else 1
+    """Every layout of `world` GPUs for --fit: P (dividing world and the layers), `tensor_layouts`,
+    distributed optimizer on/off, fp32/bf16, micro-batch sizes 1..8 keeping the global batch.
+    Plain 1F1B with even stages (interleaving only adds activations); recompute flags are kept
+    as given. Layouts that `validate` refuses are skipped."""
     for P in divisors(world):
-        if m.num_layers % P:
+        if cfg.model.num_layers % P:
             continue
-        stage = world // P
-        for tp in (x for x in TP_SIZES if stage % x == 0):
-            for etp in sorted({1, tp}) if m.moe else [tp]:
-                for ep in (e for e in divisors(experts) if stage % (e * etp) == 0):
-                    for dist in (False, True):
-                        for half in (False, True):
-                            for mbs in (1, 2, 4, 8):
-                                par = dataclasses.replace(
-                                    p, world_size=world, pipeline_model_parallel_size=P,
-                                    expert_model_parallel_size=ep, tensor_model_parallel_size=tp,
-                                    sequence_parallel=tp > 1, expert_tensor_parallel_size=etp,
-                                    virtual_pipeline_model_parallel_size=None,
-                                    num_layers_per_virtual_pipeline_stage=None,
-                                    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-                                    use_distributed_optimizer=dist)
-                                tr = dataclasses.replace(t, micro_batch_size=mbs, bf16=half, fp16=False)
-                                c = dataclasses.replace(cfg, parallel=par, training=tr)
-                                try:
-                                    validate(c)
-                                except ValueError:
-                                    continue
-                                yield c
+        for tp, etp, ep in tensor_layouts(cfg, world // P):
+            for dist in (False, True):
+                for half in (False, True):
+                    for mbs in (1, 2, 4, 8):
+                        c = with_layout(cfg, world, P, 1, tp, etp, ep, mbs,
+                                        training={"bf16": half, "fp16": False},
+                                        parallel={"use_distributed_optimizer": dist})
+                        if c is not None:
+                            yield c
 
 
 def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list[tuple[int, dict, dict]]:
@@ -602,6 +627,107 @@ def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list
                 break
         world *= 2
     return rows
+
+
+# ---------------------------------------------------------------- --plan: the fastest layout that fits
+
+RECOMPUTE = {
+    "none": {},
+    "moe": {"moe_layer_recompute": True},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+}
+"""Recompute choices, in order of memory saved (and time added): none, the MoE layers
+(--moe-layer-recompute), every layer (full, uniform runs of one layer)."""
+
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
+
+PLANNER_CHOOSES = dict(
+    tensor_model_parallel_size=1, sequence_parallel=False, pipeline_model_parallel_size=1,
+    virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
+    decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
+    expert_model_parallel_size=1, expert_tensor_parallel_size=None, micro_batch_size=1,
+    recompute_granularity=None, recompute_method=None, recompute_num_layers=None, moe_layer_recompute=False)
+"""The flags --plan sets itself (a config's own values are replaced, not validated)."""
+
+
+def pipeline_shapes(num_layers: int, world: int):
+    """(P, V, (first, last)): P dividing world; V model chunks per rank (interleaved schedule;
+    V = 1 plain 1F1B) dividing each stage's layers. When P does not divide the layers, the
+    middle stages take ceil(L / P) layers each and the first and last stages split the rest
+    (Megatron-LM's --decoder-first/last-pipeline-num-layers), with V = 1."""
+    for P in divisors(world):
+        if num_layers % P == 0:
+            yield from ((P, V, (None, None)) for V in (divisors(num_layers // P) if P > 1 else [1]))
+        elif num_layers > P:
+            k = -(-num_layers // P)
+            rest = num_layers - (P - 2) * k
+            first, last = rest // 2, rest - rest // 2
+            if 1 <= first and last <= k:
+                yield P, 1, (first, last)
+
+
+def plan(cfg, nodes: int, gpus_per_node: int, budget_gib: float, **hw) -> tuple[list[dict], int, Optional[dict]]:
+    """Search the layouts of nodes x gpus_per_node GPUs: pipeline (P, V), tensor (T with
+    sequence parallelism, within a node), expert (EP, ETP), micro-batch size and recompute; the
+    precision, optimizer and global batch are the config's. Returns (estimates that fit in
+    `budget_gib`, fastest first, each with its "cfg" and "recompute"; layouts estimated; the
+    least-memory estimate seen). For each layout and micro-batch size only the least recompute
+    that fits is kept (more recompute is only slower), and a micro-batch size that does not fit
+    with full recompute ends the larger ones (activations grow with it)."""
+    world = nodes * gpus_per_node
+    moe = cfg.model.moe is not None
+    recompute = [k for k in RECOMPUTE if moe or k != "moe"]
+    fitting, tried, smallest = [], 0, None
+    for P, V, ends in pipeline_shapes(cfg.model.num_layers, world):
+        for tp, etp, ep in tensor_layouts(cfg, world // P, max_tp=gpus_per_node):
+            for mbs in MICRO_BATCH_SIZES:
+                valid = fits = False
+                for name in recompute:
+                    c = with_layout(cfg, world, P, V, tp, etp, ep, mbs, ends=ends,
+                                    training={"moe_layer_recompute": False, "recompute_granularity": None,
+                                              "recompute_method": None, "recompute_num_layers": None,
+                                              **RECOMPUTE[name]})
+                    if c is None:
+                        continue
+                    valid = True
+                    r = estimate(c, gpus_per_node, nodes, **hw)
+                    tried += 1
+                    if smallest is None or r["memory_gib"] < smallest["memory_gib"]:
+                        smallest = {**r, "cfg": c, "recompute": name}
+                    if r["memory_gib"] <= budget_gib:
+                        fitting.append({**r, "cfg": c, "recompute": name})
+                        fits = True
+                        break
+                if valid and not fits:
+                    break
+    fitting.sort(key=lambda r: (r["step_s"], r["memory_gib"]))
+    return fitting, tried, smallest
+
+
+def layout_flags(c) -> list[str]:
+    """The pretrain_gpt.py flags that select `c`'s layout, recompute and micro-batch size (they
+    override the config's)."""
+    p, t = c.parallel, c.training
+    flags = ["--tensor-model-parallel-size", str(p.tensor_model_parallel_size)]
+    if p.sequence_parallel:
+        flags.append("--sequence-parallel")
+    flags += ["--pipeline-model-parallel-size", str(p.pipeline_model_parallel_size)]
+    for flag, n in (("--decoder-first-pipeline-num-layers", p.decoder_first_pipeline_num_layers),
+                    ("--decoder-last-pipeline-num-layers", p.decoder_last_pipeline_num_layers)):
+        if n is not None:
+            flags += [flag, str(n)]
+    if p.num_layers_per_virtual_pipeline_stage:
+        flags += ["--num-layers-per-virtual-pipeline-stage", str(p.num_layers_per_virtual_pipeline_stage)]
+    flags += ["--expert-model-parallel-size", str(p.expert_model_parallel_size)]
+    if c.model.moe is not None:
+        flags += ["--expert-tensor-parallel-size", str(p.expert_tensor_size)]
+    flags += ["--micro-batch-size", str(t.micro_batch_size)]
+    if t.moe_layer_recompute:
+        flags.append("--moe-layer-recompute")
+    if t.recompute_granularity == "full":
+        flags += ["--recompute-granularity", "full", "--recompute-method", t.recompute_method,
+                  "--recompute-num-layers", str(t.recompute_num_layers)]
+    return flags
 
 
 def layout_text(r: dict) -> str:
@@ -656,6 +782,60 @@ def print_fit(rows, budget_gib: float) -> None:
         print("does not fit at any world size tried (raise --max-gpus)")
 
 
+def print_plan(fitting: list[dict], tried: int, smallest: Optional[dict], cfg, config_path: Optional[str],
+               nodes: int, gpus_per_node: int, capacity_gib: float, budget_gib: float, top: int) -> bool:
+    """The best `top` layouts as a table and the flags of the best; False when none fits."""
+    m, t, world = cfg.model, cfg.training, nodes * gpus_per_node
+    total, _, _ = total_params(m)
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
+    opt = ", distributed optimizer" if cfg.parallel.use_distributed_optimizer else ""
+    print(f"plan: {nodes} node(s) x {gpus_per_node} GPUs = {world}; {count_text(total)} parameters, "
+          f"{count_text(active_params(m))} active; {precision}{opt}; global batch {t.global_batch_size} x "
+          f"{m.seq_length} tokens")
+    print(f"{tried} layouts estimated, {len(fitting)} fit in {gib_text(budget_gib)} GiB per GPU "
+          f"({capacity_gib:g} GiB less the margin)")
+    if not fitting:
+        if smallest is not None:
+            print(f"nothing fits: the least memory is {gib_text(smallest['memory_gib'])} GiB per GPU with "
+                  f"{plan_layout_text(smallest)}, recompute {smallest['recompute']}; add nodes or use a "
+                  f"larger --gpu-memory-gib")
+        else:
+            print("no valid layout for this world size (check the divisibility of layers, heads and experts)")
+        return False
+    header = ("#", "layout", "recompute", "memory GiB", "bubble", "a2a GiB/GPU", "TP GiB/GPU", "step s",
+              "tokens/s", "MFU")
+    rows = [(str(i + 1), plan_layout_text(r), r["recompute"], gib_text(r["memory_gib"]), f"{100 * r['bubble']:.1f}%",
+             gib_text(r["a2a_bytes_per_gpu"] / GIB), gib_text(r["tp_bytes_per_gpu"] / GIB), f"{r['step_s']:.3g}",
+             f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%") for i, r in enumerate(fitting[:top])]
+    widths = [max(len(x[j]) for x in [header, *rows]) for j in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(x.ljust(w) if j < 3 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths))))
+    flags = " ".join(layout_flags(fitting[0]["cfg"]))
+    config = f"--config {config_path} " if config_path else ""
+    print(f"flags of the best: {flags}")
+    print(f"launch: sbatch --nodes {nodes} scripts/slurm_pretrain.sbatch {config}{flags} --data-path ... "
+          f"--save ... --load ...")
+    return True
+
+
+def count_text(n: float) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def gib_text(x: float) -> str:
+    """GiB with one decimal from 10 up, three significant digits below (tiny models)."""
+    return f"{x:.1f}" if x >= 10 or x == 0 else f"{x:.3g}"
+
+
+def plan_layout_text(r: dict) -> str:
+    vp = f" V={r['vp']}" if r["vp"] > 1 else ""
+    tp = f"T={r['tp']}{'+SP' if r['sp'] else ''}"
+    etp = f" ETP={r['etp']}" if r["ep"] > 1 or r["etp"] > 1 else ""
+    first, last = r["cfg"].parallel.decoder_first_pipeline_num_layers, r["cfg"].parallel.decoder_last_pipeline_num_layers
+    vp += f" ({first}+..+{last})" if first is not None else ""
+    return f"{tp} P={r['pp']}{vp} DP={r['dp']} EP={r['ep']}{etp} EDP={r['edp']} mbs={r['mbs']}"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=True)
     p.add_argument("--nodes", type=int, default=1)
@@ -670,6 +850,14 @@ def main(argv=None) -> None:
                    help="search layouts for the smallest power-of-two world whose worst stage fits in GIB per GPU "
                         "(76 leaves ~4 GiB of an 80 GB GPU for the CUDA context and fragmentation)")
     p.add_argument("--max-gpus", type=int, default=1024, help="largest world --fit tries")
+    p.add_argument("--plan", action="store_true",
+                   help="rank the layouts of --nodes x --gpus-per-node GPUs that fit by modelled step time; "
+                        "print the best --top and the flags of the best")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="--plan: memory of one GPU")
+    p.add_argument("--memory-margin", type=float, default=0.10,
+                   help="--plan: share of --gpu-memory-gib kept free (CUDA context, communication buffers, "
+                        "allocator fragmentation)")
+    p.add_argument("--top", type=int, default=5, help="--plan: layouts to print")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
                    help="override the config's precision (a YAML's bf16: true has no command-line off switch)")
     p.add_argument("--no-distributed-optimizer", action="store_true",
@@ -680,7 +868,10 @@ def main(argv=None) -> None:
     if "--vocab-size" not in rest:
         extra += ["--vocab-size", "32000"]
     try:
-        cfg = config_from_args(parse_args(rest + extra), world_size=world)
+        args = parse_args(rest + extra)
+        if a.plan:  # the planner chooses the layout: the config's own one need not fit this world
+            vars(args).update(PLANNER_CHOOSES)
+        cfg = config_from_args(args, world_size=1 if a.plan else world)
     except ValueError as e:
         print(f"estimate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -690,6 +881,17 @@ def main(argv=None) -> None:
         cfg.parallel.use_distributed_optimizer = False
     kw = dict(tflops=a.tflops, intra_gbps=a.intra_node_gbps, inter_gbps=a.inter_node_gbps, alpha_us=a.alpha_us,
               overlap=not a.no_overlap, peak_tflops=a.peak_tflops)
+    if a.plan:
+        if not 0 <= a.memory_margin < 1:
+            print("estimate.py: error: --memory-margin must be in [0, 1)", file=sys.stderr)
+            sys.exit(2)
+        budget = a.gpu_memory_gib * (1 - a.memory_margin)
+        fitting, tried, smallest = plan(cfg, a.nodes, a.gpus_per_node, budget, **kw)
+        config_path = rest[rest.index("--config") + 1] if "--config" in rest[:-1] else None
+        if not print_plan(fitting, tried, smallest, cfg, config_path, a.nodes, a.gpus_per_node,
+                          a.gpu_memory_gib, budget, a.top):
+            sys.exit(1)
+        return
     if a.fit is not None:
         print_fit(fit(cfg, a.fit, a.gpus_per_node, a.max_gpus, **kw), a.fit)
         return

@@ -214,3 +214,81 @@ def test_estimate_reports_tp_bytes_and_fit_tries_tensor_parallel(capsys):
     worlds = {c.parallel.tensor_model_parallel_size for c in est.candidate_configs(cfg(""), 8)}
     assert worlds == {1, 2, 4}                          # 4 heads: T = 8 is refused by validate
 
+
+
+# ---------------------------------------------------------------- --plan
+
+HW = dict(tflops=1.0, intra_gbps=8.0, inter_gbps=2.0, alpha_us=100.0, overlap=True)
+
+
+def every_layout(c, world: int, gpus_per_node: int):
+    """All (P, V, T, ETP, EP, micro-batch, recompute) layouts, without the planner's pruning."""
+    for P, V, ends in est.pipeline_shapes(L, world):
+        for tp, etp, ep in est.tensor_layouts(c, world // P, max_tp=gpus_per_node):
+            for mbs in est.MICRO_BATCH_SIZES:
+                for name, training in est.RECOMPUTE.items():
+                    base = {"moe_layer_recompute": False, "recompute_granularity": None,
+                            "recompute_method": None, "recompute_num_layers": None}
+                    d = est.with_layout(c, world, P, V, tp, etp, ep, mbs, training={**base, **training}, ends=ends)
+                    if d is not None:
+                        yield name, est.estimate(d, gpus_per_node, world // gpus_per_node, **HW)
+
+
+@pytest.mark.parametrize("budget_share", [1.0, 0.5, 0.3])
+def test_plan_finds_the_fastest_layout_that_fits(budget_share):
+    """The planner's pruning (least recompute that fits, stop at the first micro-batch size that
+    does not fit) loses nothing: its best equals the fastest of every layout that fits."""
+    c = cfg("--bf16", world=8)
+    everything = list(every_layout(c, 8, 4))
+    budget = budget_share * max(r["memory_gib"] for _, r in everything)
+    fitting, tried, _ = est.plan(c, 2, 4, budget, **HW)
+    brute = [r for _, r in everything if r["memory_gib"] <= budget]
+    assert fitting and len(fitting) <= len(brute) and tried <= len(everything)
+    assert all(r["memory_gib"] <= budget for r in fitting)
+    assert [r["step_s"] for r in fitting] == sorted(r["step_s"] for r in fitting)
+    assert fitting[0]["step_s"] == pytest.approx(min(r["step_s"] for r in brute))
+    least = min(r["memory_gib"] for _, r in everything)
+    none_fit, _, smallest = est.plan(c, 2, 4, 0.99 * least, **HW)
+    assert none_fit == [] and smallest["memory_gib"] == pytest.approx(least)   # named in "nothing fits"
+    shapes = {(r["pp"], r["vp"], r["tp"], r["ep"], r["etp"]) for _, r in everything}
+    assert {(2, 2), (4, 1)} <= {(p, v) for p, v, *_ in shapes}     # interleaving is searched
+    assert max(t for _, _, t, _, _ in shapes) == 4                # T stays within a node of 4
+
+
+def test_uneven_pipeline_stages_when_p_does_not_divide_the_layers():
+    """61 layers on 16 stages: 14 middle stages of 4, the first 2 and the last 3 (Megatron-LM's
+    --decoder-first/last-pipeline-num-layers); 8 layers on 4 stages split evenly, with V in {1, 2}."""
+    shapes = list(est.pipeline_shapes(61, 16))
+    assert (16, 1, (2, 3)) in shapes and (1, 1, (None, None)) in shapes
+    assert [s for s in est.pipeline_shapes(8, 4) if s[0] == 4] == [(4, 1, (None, None)), (4, 2, (None, None))]
+    c = cfg("--bf16")                                   # L = 4 on P = 3: 1 + 2 + 1
+    assert (3, 1, (1, 1)) in list(est.pipeline_shapes(L, 3))
+    d = est.with_layout(c, 3, 3, ends=(1, 1))
+    assert d.parallel.pipeline_layout(L).rank_layers(1) == [1, 2]
+    flags = est.layout_flags(d)
+    assert flags[flags.index("--decoder-first-pipeline-num-layers") + 1] == "1"
+
+
+def test_plan_flags_rebuild_the_planned_layout():
+    c = cfg("--bf16", world=8)
+    budget = 0.4 * max(r["memory_gib"] for _, r in every_layout(c, 8, 4))
+    fitting, _, _ = est.plan(c, 2, 4, budget, **HW)
+    for r in fitting[:10]:
+        flags = est.layout_flags(r["cfg"])
+        again = config_from_args(parse_args(shlex.split(FLAGS + " --untie-embeddings-and-output-weights --bf16")
+                                            + flags), world_size=8)
+        assert again.parallel == r["cfg"].parallel and again.training == r["cfg"].training
+    assert any(r["recompute"] != "none" for r in fitting)          # a tight budget needs recompute
+
+
+def test_plan_command_line(capsys):
+    est.main(["--plan", "--nodes", "2", "--gpus-per-node", "4", "--gpu-memory-gib", "1", "--top", "3",
+              "--bf16"] + shlex.split(FLAGS))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("plan: 2 node(s) x 4 GPUs = 8")
+    table = out[out.index(next(x for x in out if x.startswith("#  layout"))) + 1:]
+    assert [x.split()[0] for x in table[:3]] == ["1", "2", "3"]
+    assert any(x.startswith("flags of the best: --tensor-model-parallel-size") for x in out)
+    with pytest.raises(SystemExit) as e:
+        est.main(["--plan", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory-gib", "1e-6"] + shlex.split(FLAGS))
+    assert e.value.code == 1 and "nothing fits: the least memory is" in capsys.readouterr().out
