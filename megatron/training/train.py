@@ -252,14 +252,16 @@ def pretrain(cfg: Config, args: Optional[argparse.Namespace] = None,
     own_groups = groups is None
     groups = groups or parallel_state.initialize(cfg.parallel)
     try:
-        with parallel_state.report_hangs(groups, cfg.parallel.distributed_timeout_minutes):
-            return _pretrain(cfg, args, groups)
+        # SIGTERM from the start: one that arrives while the model builds or the checkpoint loads
+        # stops the run after its first step, with a checkpoint, instead of killing the rank
+        with parallel_state.report_hangs(groups, cfg.parallel.distributed_timeout_minutes), _StopRequest() as stop:
+            return _pretrain(cfg, args, groups, stop)
     finally:
         if own_groups:
             parallel_state.destroy(groups)
 
 
-def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
+def _pretrain(cfg: Config, args, groups: ProcessGroups, stop: "_StopRequest") -> TrainState:
     start_time = time.time()
     t = cfg.training
     trainer = Trainer(cfg, groups)
@@ -285,23 +287,22 @@ def _pretrain(cfg: Config, args, groups: ProcessGroups) -> TrainState:
     last_saved = first_iteration = state.iteration
     loop_start = time.perf_counter()
     exiting = False
-    with _StopRequest() as stop:
-        while state.iteration < t.train_iters and not exiting:
-            result = trainer.train_step(_take(batches, cfg.num_microbatches))
-            state.iteration += 1
-            state.consumed_train_samples += t.global_batch_size
-            state.floating_point_operations_so_far += flops_per_iter
-            logger.record(result)
-            logger.maybe_log(state.iteration, state.consumed_train_samples, result,
-                             time.perf_counter() - loop_start, state.iteration - first_iteration)
-            if valid_batches is not None and state.iteration % t.eval_interval == 0:
-                loss = _validate(trainer, valid_batches)
-                logger.log_evaluation(f"iteration {state.iteration}", state.iteration, loss,
-                                      state.consumed_train_samples, "validation")
-            if save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
-                checkpointing.save_checkpoint(trainer, cfg, groups, args)
-                last_saved = state.iteration
-            exiting = _should_exit(cfg, state, start_time, stop, groups)
+    while state.iteration < t.train_iters and not exiting:
+        result = trainer.train_step(_take(batches, cfg.num_microbatches))
+        state.iteration += 1
+        state.consumed_train_samples += t.global_batch_size
+        state.floating_point_operations_so_far += flops_per_iter
+        logger.record(result)
+        logger.maybe_log(state.iteration, state.consumed_train_samples, result,
+                         time.perf_counter() - loop_start, state.iteration - first_iteration)
+        if valid_batches is not None and state.iteration % t.eval_interval == 0:
+            loss = _validate(trainer, valid_batches)
+            logger.log_evaluation(f"iteration {state.iteration}", state.iteration, loss,
+                                  state.consumed_train_samples, "validation")
+        if save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+            checkpointing.save_checkpoint(trainer, cfg, groups, args)
+            last_saved = state.iteration
+        exiting = _should_exit(cfg, state, start_time, stop, groups)
 
     if save and last_saved != state.iteration:
         checkpointing.save_checkpoint(trainer, cfg, groups, args)

@@ -109,6 +109,31 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert latest >= 3 and (save / f"iter_{latest:07d}" / ".metadata").is_file()
 
 
+SIGTERM_WHILE_LOADING = """
+import os, signal, sys
+import pretrain_gpt
+from megatron.training import checkpointing
+load = checkpointing.load_checkpoint
+def load_after_sigterm(*args, **kwargs):  # the signal lands while the run is still setting up
+    os.kill(os.getpid(), signal.SIGTERM)
+    return load(*args, **kwargs)
+checkpointing.load_checkpoint = load_after_sigterm
+sys.exit(pretrain_gpt.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_setup_saves_after_the_first_step(tmp_path):
+    """A SIGTERM before the training loop (slurm's preemption can come at any time) does not kill
+    the rank: the run takes one step, saves it and exits cleanly."""
+    save = tmp_path / "ckpt"
+    flags = TINY_FLAGS.split() + ["--train-iters", "100000", "--save", str(save)]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_LOADING, *flags], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "exiting program at iteration 1" in proc.stdout
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "1"
+
+
 def test_exit_duration_saves_and_exits(tmp_path, capsys):
     save = tmp_path / "ckpt"
     state = pretrain(make_config(f"--train-iters 1000 --save {save} --exit-duration-in-mins 0.00001"))
