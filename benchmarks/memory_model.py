@@ -97,6 +97,10 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
         self.peak_parts: dict[str, int] = {}
         self.label = "other"
+        self.detail = False
+        """Also keep, at the peak, the largest storages of each label with the op that made them."""
+        self.peak_detail: list = []
+        self._op = ""
 
     # ---- counting
     def _track(self, t: torch.Tensor) -> None:
@@ -113,7 +117,7 @@ class LiveBytes(TorchDispatchMode):
         if nbytes == 0:
             return
         ref = weakref.ref(storage, lambda _, key=key: self._free(key))
-        self._storages[key] = [nbytes, self.label, ref]
+        self._storages[key] = [nbytes, self.label, ref, (self._op, tuple(t.shape), t.dtype) if self.detail else None]
         self._add(self.label, nbytes)
 
     def _add(self, label: str, nbytes: int) -> None:
@@ -122,14 +126,19 @@ class LiveBytes(TorchDispatchMode):
         if self.live > self.peak:
             self.peak = self.live
             self.peak_parts = dict(self.by_label)
+            if self.detail:
+                self.peak_detail = sorted(((e[0], e[1], e[3]) for e in self._storages.values()),
+                                          key=lambda e: -e[0])[:120]
 
     def _free(self, key: int) -> None:
-        nbytes, label, _ = self._storages.pop(key)
+        nbytes, label = self._storages.pop(key)[:2]
         self.by_label[label] -= nbytes
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.detail:
+            self._op = str(func)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
@@ -194,8 +203,9 @@ def layout_flags(size: dict, world: int, extra: str, microbatches: int) -> str:
     return MODEL_FLAGS.format(**size, gbs=size["mbs"] * dp * microbatches) + " " + extra
 
 
-def measure(flags: str, world: int, warmup: int) -> dict:
-    """On this rank: build the Trainer under the tracker, train `warmup` steps, measure one more."""
+def measure(flags: str, world: int, warmup: int, detail: bool = False) -> dict:
+    """On this rank: build the Trainer under the tracker, train `warmup` steps, measure one more
+    (with `detail`, also the largest storages live at the peak)."""
     from megatron.core.parallel_state import groups_from_mesh
     from megatron.training.data import build_datasets, build_loader, micro_batches
     from megatron.training.train import Trainer
@@ -203,6 +213,7 @@ def measure(flags: str, world: int, warmup: int) -> dict:
     cfg = make_config(flags, world)
     p = cfg.parallel
     tracker = LiveBytes()
+    tracker.detail = detail
     with tracker:
         groups = groups_from_mesh(p.expert_model_parallel_size, torch.device("cpu"), "gloo",
                                   pp_size=p.pipeline_model_parallel_size, tp_size=p.tensor_model_parallel_size,
@@ -218,11 +229,12 @@ def measure(flags: str, world: int, warmup: int) -> dict:
             tracker.reset_peak()
             before = tracker.live
             trainer.train_step(step)
-    return {"pp_rank": groups.pp_rank, "peak": tracker.peak, "before": before, **tracker.parts_at_peak()}
+    return {"pp_rank": groups.pp_rank, "peak": tracker.peak, "before": before, "detail": tracker.peak_detail,
+            **tracker.parts_at_peak()}
 
 
-def _worker(rank: int, world: int, layouts: list, warmup: int) -> list:
-    return [measure(flags, world, warmup) for _, _, flags in layouts]
+def _worker(rank: int, world: int, layouts: list, warmup: int, detail: bool = False) -> list:
+    return [measure(flags, world, warmup, detail) for _, _, flags in layouts]
 
 
 # ---------------------------------------------------------------- the estimate and the report
@@ -256,6 +268,13 @@ def mib(n: float) -> str:
     return f"{n / 2**20:.2f}"
 
 
+def print_detail(name: str, rank: int, detail: list) -> None:
+    print(f"{name}, rank {rank}: largest storages live at the peak besides the model state (MiB, label, op, shape)")
+    for nbytes, label, (op, shape, dtype) in detail:
+        if label not in STATE_PARTS and nbytes >= 2**16:
+            print(f"  {mib(nbytes):>8} {label:<6} {op} {list(shape)} {str(dtype).replace('torch.', '')}")
+
+
 def print_table(rows: list) -> None:
     print("peak of one training step per rank, MiB (measured: live tensor storages; est: tools/estimate.py "
           "stage_memory)")
@@ -268,16 +287,19 @@ def print_table(rows: list) -> None:
               f"{r['act'] / r['e_act']:>7.3f}{mib(r['total']):>9}{mib(r['e_total']):>9}{r['ratio']:>7.3f}")
 
 
-def run(layouts: list, size: dict, microbatches: int, warmup: int) -> list:
+def run(layouts: list, size: dict, microbatches: int, warmup: int, detail: bool = False) -> list:
     """Measure every layout (grouped by world size, one spawned world each); returns table rows."""
     est = estimator()
     rows = []
     for world in sorted({w for _, w, _ in layouts}):
         chosen = [(name, w, layout_flags(size, w, extra, microbatches)) for name, w, extra in layouts if w == world]
-        per_rank = run_distributed(_worker, world, chosen, warmup, timeout=1800.0)
+        per_rank = run_distributed(_worker, world, chosen, warmup, detail, timeout=1800.0)
         for i, (name, _, flags) in enumerate(chosen):
             for r in range(world):
-                rows.append((name, r, compare(est, flags, world, per_rank[r][i])))
+                got = per_rank[r][i]
+                rows.append((name, r, compare(est, flags, world, got)))
+                if detail:
+                    print_detail(name, r, got["detail"])
     return rows
 
 
@@ -293,11 +315,12 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--microbatches", type=int, default=2, help="per data-parallel rank and step")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--detail", action="store_true", help="list the largest storages live at each peak")
     a = p.parse_args()
     layouts = [l for l in LAYOUTS if not a.only or l[0] in a.only]
     size = dict(layers=a.layers, hidden=a.hidden, ffn=a.ffn, experts=a.experts, seq=a.seq, mbs=a.mbs, vocab=a.vocab)
     start = time.perf_counter()
-    rows = run(layouts, size, a.microbatches, a.warmup)
+    rows = run(layouts, size, a.microbatches, a.warmup, a.detail)
     print(f"torch {torch.__version__}, gloo, 1 thread per rank; model: {a.layers} layers, D={a.hidden}, "
           f"F={a.ffn}, {a.experts} experts top-2, SwiGLU, GQA 8/4, seq {a.seq}, micro-batch {a.mbs} "
           f"(T={a.mbs * a.seq} tokens), vocab {a.vocab}, {a.microbatches} micro-batches per DP rank; "
