@@ -59,8 +59,11 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   Megatron-LM does); inside, divided by T: the QKV output, q and k after RoPE, the
   SDPA output and the projection input (T (4H + 3G) d b with RoPE; flash-style SDPA keeps no
   S x S scores) and the FFN hidden (SwiGLU 3F, GELU 2F); in an MoE layer the router input and,
-  per routed copy, the expert input, 3F_e (2F_e) and the combine's copy, for the T / TP tokens
-  each rank routes (ETP x the rows at F_e / ETP with ETP > 1). Korthikanti et al.'s
+  per routed copy, the expert input, 3F_e (2F_e), the experts' output and the combine's
+  scattered copy (plus the all-to-all's received copy with EP > 1 and the reduce-scattered one
+  with ETP > 1), for the T / TP tokens each rank routes (ETP x the rows at F_e / ETP with
+  ETP > 1). On CPU (`NORM_KEEPS_OUTPUT`) RMSNorm keeps an fp32 input and fp32 output (8 bytes
+  an element whatever b). Korthikanti et al.'s
   34 + 5 a S / D (GELU, stored scores) is not used. `--recompute-granularity full` keeps only
   the input (T D b, / T with SP) of each recomputed run of layers plus one run's activations
   while it is recomputed; `--moe-layer-recompute` drops the router and expert term. Selective
@@ -70,9 +73,20 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   batches and then keeps one more in flight, so stage r holds
   min(m V, 2 (P - r - 1) + (V - 1) P + 1) chunk-micro-batches, each 1/V of its layers
   (first stage: about (1 + (P - 1) / (P V)) times 1F1B's).
-* last stage: the fused output layer + cross-entropy keeps its fp32 output-weight gradient
-  (V / TP x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at
-  most 2^27 / TP fp32 elements; the [T, V] logits are never materialised.
+* last stage: per in-flight micro-batch the final norm's input and the fused output layer +
+  cross-entropy's output-weight gradient (V / TP x D x b) and dh (T D b) (`loss_kept_bytes`);
+  the [T, V] logits are never materialised;
+* transients (`stage_activation_parts`): the peak is the kept activations plus the larger of
+  two working sets that never overlap: the fused loss's forward (last stage,
+  `loss_forward_bytes`: a logits chunk of at most 2^27 / TP fp32 elements (2^22 on CPU), its
+  b-byte matmul output with --bf16, the fp32 dW accumulator, its input h) and a backward pass
+  (the largest recomputed segment's activations, the widest layer's FFN gradients
+  `layer_backward_bytes` (K T / TP x 3F_e for the experts), and on the last stage the output
+  layer's dW (V / TP x D x b) less the loss's kept tensors it has consumed). Not modelled:
+  routing imbalance (a rank with more than K T / EP routed rows keeps more; +2-8% of the MoE
+  term at random init), the optimizer step's temporaries (fused AdamW has none outside its
+  kernel), what gloo/NCCL and kernels allocate internally, allocator fragmentation.
+  benchmarks/memory_model.py compares the whole-step peak with measurement (within 8%).
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
 """
