@@ -64,6 +64,7 @@ LAYOUTS = [
     ("single-recompute-full", 1, RECOMPUTE_FULL),
     ("single-moe-recompute", 1, "--moe-layer-recompute"),
     ("single-shared-expert", 1, "--moe-shared-expert-intermediate-size 512"),
+    ("single-dense-ffn", 1, "--moe-layer-freq 2"),  # every other layer a dense SwiGLU FFN
     ("ep2", 2, EP2),
     ("ep2-bf16", 2, EP2 + " --bf16"),
     ("ep2-recompute-full", 2, EP2 + " " + RECOMPUTE_FULL),
@@ -73,6 +74,10 @@ LAYOUTS = [
     ("tp2-sp-etp2", 2, "--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 2"),
     ("pp2-1f1b", 2, "--pipeline-model-parallel-size 2"),
     ("pp2-vp2", 2, "--pipeline-model-parallel-size 2 --virtual-pipeline-model-parallel-size 2"),
+    ("tp2-sp-dense-ffn", 2, "--tensor-model-parallel-size 2 --sequence-parallel --moe-layer-freq 2"),
+    ("tp2-sp-ep2-etp1", 4, "--tensor-model-parallel-size 2 --sequence-parallel --expert-tensor-parallel-size 1 "
+     + EP2),
+    ("pp2-ep2-distopt-bf16", 4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer --bf16 " + EP2),
 ]
 
 STATE_PARTS = ("weights", "grads", "optimizer")

@@ -311,14 +311,19 @@ def chunk_recompute(cfg, layers: list[int]) -> tuple[tuple[tuple[int, int], ...]
 
 def chunk_activation_bytes(cfg, layers: list[int], T: int, b: int) -> tuple[float, float]:
     """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute
-    flags: a recomputed segment keeps only its input, and re-creates its layers' activations once."""
+    flags: a recomputed segment keeps only its input, and re-creates its layers' activations once;
+    `--moe-layer-recompute` re-creates one MoE layer's router and expert activations at a time
+    (on top of its segment's, when both are on)."""
     model, tl = cfg.model, TensorLayout.of(cfg.parallel)
-    full = [layer_activation_bytes(model, i, T, b, cfg.training.moe_layer_recompute, tl) for i in layers]
+    moe_recompute = cfg.training.moe_layer_recompute
+    full = [layer_activation_bytes(model, i, T, b, moe_recompute, tl) for i in layers]
     segments, _ = chunk_recompute(cfg, layers)
     in_segment = {j for a, z in segments for j in range(a, z)}
     segment_input = T * model.hidden_size * b / (tl.tp if tl.sp else 1)  # x_BsD under SP
     kept = len(segments) * segment_input + sum(f for j, f in enumerate(full) if j not in in_segment)
-    return kept, max((sum(full[a:z]) for a, z in segments), default=0.0)
+    moe_again = max((layer_activation_parts(model, i, T, b, tl)["moe"] for i in layers), default=0.0) \
+        if moe_recompute else 0.0
+    return kept, max((sum(full[a:z]) for a, z in segments), default=0.0) + moe_again
 
 
 def layer_backward_bytes(model, layer: int, T: int, b: int, tl: TensorLayout = TensorLayout()) -> float:
