@@ -106,6 +106,11 @@ class LiveBytes(TorchDispatchMode):
         """Also keep, at the peak, the largest storages of each label with the op that made them."""
         self.peak_detail: list = []
         self._op = ""
+        self.in_schedule = False
+        """Set while the forward/backward schedule runs; `peak_phase` is "backward" (inside an
+        autograd backward node), "forward" (elsewhere in the schedule: forward and the loss) or
+        "step" (outside it: gradient reduction and the optimizer)."""
+        self.peak_phase = ""
 
     # ---- counting
     def _track(self, t: torch.Tensor) -> None:
@@ -131,6 +136,8 @@ class LiveBytes(TorchDispatchMode):
         if self.live > self.peak:
             self.peak = self.live
             self.peak_parts = dict(self.by_label)
+            self.peak_phase = ("backward" if torch._C._current_autograd_node() is not None
+                               else "forward" if self.in_schedule else "step")
             if self.detail:
                 self.peak_detail = sorted(((e[0], e[1], e[3]) for e in self._storages.values()),
                                           key=lambda e: -e[0])[:120]
@@ -161,6 +168,7 @@ class LiveBytes(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak = self.live
         self.peak_parts = dict(self.by_label)
+        self.peak_phase = "start"
 
     def saved_hooks(self):
         """Saved-tensor hooks that relabel what autograd keeps for backward as "saved" (a storage
@@ -224,6 +232,15 @@ def measure(flags: str, world: int, warmup: int, detail: bool = False) -> dict:
                                   pp_size=p.pipeline_model_parallel_size, tp_size=p.tensor_model_parallel_size,
                                   etp_size=p.expert_tensor_parallel_size)
         trainer = Trainer(cfg, groups)
+        schedule_train = trainer.schedule.train
+
+        def train(*args, **kwargs):
+            tracker.in_schedule = True
+            try:
+                return schedule_train(*args, **kwargs)
+            finally:
+                tracker.in_schedule = False
+        trainer.schedule.train = train
         train_ds, _, _ = build_datasets(cfg)
         batches = micro_batches(build_loader(train_ds, cfg, groups), groups.device)
         with tracker.saved_hooks():
@@ -234,7 +251,7 @@ def measure(flags: str, world: int, warmup: int, detail: bool = False) -> dict:
             tracker.reset_peak()
             before = tracker.live
             trainer.train_step(step)
-    return {"pp_rank": groups.pp_rank, "peak": tracker.peak, "before": before, "detail": tracker.peak_detail,
+    return {"pp_rank": groups.pp_rank, "peak": tracker.peak, "before": before, "detail": tracker.peak_detail, "phase": tracker.peak_phase,
             **tracker.parts_at_peak()}
 
 
@@ -264,7 +281,11 @@ def compare(est, flags: str, world: int, got: dict) -> dict:
     e = estimated(est, flags, world, got["pp_rank"])
     e_total = sum(e[k] for k in est.MEMORY_PARTS)
     act = got["saved"] + got["other"]
-    return {"state": sum(got[k] for k in STATE_PARTS), "e_state": sum(e[k] for k in STATE_PARTS),
+    parts = e["activation_parts"]
+    e_phase = "forward" if parts["loss_forward"] > parts["backward"] else "backward"
+    return {"phase": got["phase"], "e_phase": e_phase, "e_kept": parts["kept"],
+            "e_transient": max(parts["loss_forward"], parts["backward"]),
+            "state": sum(got[k] for k in STATE_PARTS), "e_state": sum(e[k] for k in STATE_PARTS),
             "act": act, "e_act": e["activations"], "total": got["peak"], "e_total": e_total,
             "ratio": got["peak"] / e_total, **{f"m_{k}": got[k] for k in PARTS}}
 
@@ -283,13 +304,17 @@ def print_detail(name: str, rank: int, detail: list) -> None:
 def print_table(rows: list) -> None:
     print("peak of one training step per rank, MiB (measured: live tensor storages; est: tools/estimate.py "
           "stage_memory)")
-    head = (f"{'layout':<24}{'rank':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'saved':>8}{'other':>8}"
-            f"{'act.':>8}{'est':>8}{'ratio':>7}{'total':>9}{'est':>9}{'ratio':>7}")
+    print("(saved/other: activations held for backward / everything else above the model state at the peak; "
+          "est kept/trans.: stage_activation_parts' kept and max(loss_forward, backward); peak in: measured / est)")
+    head = (f"{'layout':<22}{'rank':>5}{'weights':>9}{'grads':>8}{'optim':>8}{'saved':>8}{'other':>8}"
+            f"{'kept':>8}{'trans.':>8}{'act.':>8}{'est':>8}{'ratio':>7}{'total':>9}{'est':>9}{'ratio':>7}"
+            f"  {'peak in'}")
     print(head)
     for name, rank, r in rows:
-        print(f"{name:<24}{rank:>5}{mib(r['m_weights']):>9}{mib(r['m_grads']):>8}{mib(r['m_optimizer']):>8}"
-              f"{mib(r['m_saved']):>8}{mib(r['m_other']):>8}{mib(r['act']):>8}{mib(r['e_act']):>8}"
-              f"{r['act'] / r['e_act']:>7.3f}{mib(r['total']):>9}{mib(r['e_total']):>9}{r['ratio']:>7.3f}")
+        print(f"{name:<22}{rank:>5}{mib(r['m_weights']):>9}{mib(r['m_grads']):>8}{mib(r['m_optimizer']):>8}"
+              f"{mib(r['m_saved']):>8}{mib(r['m_other']):>8}{mib(r['e_kept']):>8}{mib(r['e_transient']):>8}"
+              f"{mib(r['act']):>8}{mib(r['e_act']):>8}{r['act'] / r['e_act']:>7.3f}"
+              f"{mib(r['total']):>9}{mib(r['e_total']):>9}{r['ratio']:>7.3f}  {r['phase']} / {r['e_phase']}")
 
 
 def run(layouts: list, size: dict, microbatches: int, warmup: int, detail: bool = False) -> list:
