@@ -86,7 +86,7 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   routing imbalance (a rank with more than K T / EP routed rows keeps more; +2-8% of the MoE
   term at random init), the optimizer step's temporaries (fused AdamW has none outside its
   kernel), what gloo/NCCL and kernels allocate internally, allocator fragmentation.
-  benchmarks/memory_model.py compares the whole-step peak with measurement (within 8%).
+  benchmarks/memory_model.py compares the whole-step peak with measurement (within 4%).
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
 """
