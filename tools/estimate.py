@@ -261,8 +261,10 @@ def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout =
         weighted sum over K keeps it), for the T/T tokens each rank routes (its sequence shard,
         with or without SP); with ETP > 1 each rank computes the ETP-gathered tokens of its
         group, ETP x the rows at 1/ETP of the width, and keeps the reduce-scattered output D;
-        with EP > 1 the combine's all-to-all output D is kept too (measured,
-        benchmarks/memory_model.py).
+        with EP > 1 the combine's all-to-all output D is kept too. The copies beside the
+        scattered one are kept by `index_copy`'s autograd, which saves its source (the
+        dispatcher scatters with it after the experts, after the ETP reduce-scatter and after
+        the all-to-all), on any device (measured, benchmarks/memory_model.py).
     """
     D, d = model.hidden_size, model.kv_channels
     H, G = model.num_attention_heads, model.num_query_groups
