@@ -84,8 +84,10 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   `layer_backward_bytes` (K T / TP x 3F_e for the experts), and on the last stage the output
   layer's dW (V / TP x D x b) less the loss's kept tensors it has consumed). Not modelled:
   routing imbalance (a rank with more than K T / EP routed rows keeps more; +2-8% of the MoE
-  term at random init), the optimizer step's temporaries (fused AdamW has none outside its
-  kernel), what gloo/NCCL and kernels allocate internally, allocator fragmentation.
+  term at random init), the embedding's dense [V / TP, D] gradient at the end of a backward
+  (below the peak: that micro-batch's activations are freed by then), the optimizer step's
+  temporaries (fused AdamW has none outside its kernel; the measured peak never falls after the
+  schedule), what gloo/NCCL and kernels allocate internally, allocator fragmentation.
   benchmarks/memory_model.py compares the whole-step peak with measurement (within 4%).
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
