@@ -96,7 +96,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self._storages: dict[int, list] = {}  # StorageImpl address -> [bytes, label, weak reference]
+        self._storages: dict[int, list] = {}  # StorageImpl address -> [bytes, label, weak ref, (op, shape, dtype)]
         self.by_label: dict[str, int] = defaultdict(int)
         self.live = 0
         self.peak = 0
