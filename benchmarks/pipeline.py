@@ -20,7 +20,8 @@ under plain 1F1B and interleaved 1F1B for each micro-batch count m. Measured per
   working memory (the logits chunk of the fused loss, GEMM workspaces) and the stage
   inputs/outputs the pipelining library keeps outside the autograd graph (one T x D tensor per
   in-flight micro-batch). Both are compared with `tools/estimate.py`'s per-stage figures for
-  the same flags and world.
+  the same flags and world (activations: its kept part, `stage_activation_parts`; the whole
+  step's peak with transients is benchmarks/memory_model.py's).
 
 With 2 cores, P = 2 gives each rank one core; larger P oversubscribes the cores (and says so).
 """
@@ -253,8 +254,12 @@ def _worker(rank: int, world: int, scenarios: list, warmup: int, repeats: int, t
 # ---------------------------------------------------------------- estimator and report
 
 def estimated_stages(flags: str, world: int) -> list[dict]:
-    """tools/estimate.py's per-stage memory for the same flags and world (one node of `world`)."""
+    """tools/estimate.py's per-stage memory for the same flags and world (one node of `world`),
+    with the CPU constants (benchmarks/memory_model.py: RMSNorm keeps its fp32 input and output,
+    the fused loss's logits chunk is 2^22 elements)."""
     estimate = load_tool("estimate")
+    estimate.NORM_KEEPS_OUTPUT = True
+    estimate.LOGITS_CHUNK = 2**22
     cfg = make_config(flags, world)
     return estimate.estimate(cfg, gpus_per_node=world, nodes=1, tflops=0.1, intra_gbps=10.0, inter_gbps=10.0,
                              alpha_us=100.0, overlap=True)["stages"]
@@ -293,7 +298,7 @@ def print_bubbles(scenarios: list, results: list, P: int) -> None:
 
 def print_memory(scenarios: list, results: list, world: int, P: int) -> None:
     print("\nmemory per stage, MiB (measured: exact tensor bytes / saved-for-backward high-water mark; "
-          "est: tools/estimate.py)")
+          "est: tools/estimate.py, its kept activations without the transient working sets)")
     print(f"{'schedule':<13}{'m':>3}{'stage':>6}{'state':>9}{'est':>9}{'ratio':>7}"
           f"{'activ.':>9}{'est':>9}{'ratio':>7}{'total ratio':>13}")
     for (name, m, _, flags), per_rank in zip(scenarios, results):
@@ -301,7 +306,7 @@ def print_memory(scenarios: list, results: list, world: int, P: int) -> None:
         for r in sorted({0, P - 1}):
             got = per_rank[r]
             state = got["weights"] + got["grads"] + got["optimizer"]
-            e = est[r]
+            e = dict(est[r], activations=est[r]["activation_parts"]["kept"])
             e_state = e["weights"] + e["grads"] + e["optimizer"]
             total = (state + got["activations"]) / (e_state + e["activations"])
             print(f"{name:<13}{m:>3}{r:>6}{mib(state):>9}{mib(e_state):>9}{state / e_state:>7.3f}"

@@ -68,8 +68,11 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   Megatron-LM does); inside, divided by T: the QKV output, q and k after RoPE, the
   SDPA output and the projection input (T (4H + 3G) d b with RoPE; flash-style SDPA keeps no
   S x S scores) and the FFN hidden (SwiGLU 3F, GELU 2F); in an MoE layer the router input and,
-  per routed copy, the expert input, 3F_e (2F_e) and the combine's copy, for the T / TP tokens
-  each rank routes (ETP x the rows at F_e / ETP with ETP > 1). Korthikanti et al.'s
+  per routed copy, the expert input, 3F_e (2F_e), the experts' output and the combine's
+  scattered copy (plus the all-to-all's received copy with EP > 1 and the reduce-scattered one
+  with ETP > 1), for the T / TP tokens each rank routes (ETP x the rows at F_e / ETP with
+  ETP > 1). On CPU (`NORM_KEEPS_OUTPUT`) RMSNorm keeps an fp32 input and fp32 output (8 bytes
+  an element whatever b). Korthikanti et al.'s
   34 + 5 a S / D (GELU, stored scores) is not used. `--recompute-granularity full` keeps only
   the input (T D b, / T with SP) of each recomputed run of layers plus one run's activations
   while it is recomputed; `--moe-layer-recompute` drops the router and expert term. Selective
@@ -79,9 +82,22 @@ Any training flag can follow (they override the config), the pipeline ones inclu
   batches and then keeps one more in flight, so stage r holds
   min(m V, 2 (P - r - 1) + (V - 1) P + 1) chunk-micro-batches, each 1/V of its layers
   (first stage: about (1 + (P - 1) / (P V)) times 1F1B's).
-* last stage: the fused output layer + cross-entropy keeps its fp32 output-weight gradient
-  (V / TP x D x 4) and dh (T D b) per in-flight micro-batch, and works on a logits chunk of at
-  most 2^27 / TP fp32 elements; the [T, V] logits are never materialised.
+* last stage: per in-flight micro-batch the final norm's input and the fused output layer +
+  cross-entropy's output-weight gradient (V / TP x D x b) and dh (T D b) (`loss_kept_bytes`);
+  the [T, V] logits are never materialised;
+* transients (`stage_activation_parts`): the peak is the kept activations plus the larger of
+  two working sets that never overlap: the fused loss's forward (last stage,
+  `loss_forward_bytes`: a logits chunk of at most 2^27 / TP fp32 elements (2^22 on CPU), its
+  b-byte matmul output with --bf16, the fp32 dW accumulator, its input h) and a backward pass
+  (the largest recomputed segment's activations, the widest layer's FFN gradients
+  `layer_backward_bytes` (K T / TP x 3F_e for the experts), and on the last stage the output
+  layer's dW (V / TP x D x b) less the loss's kept tensors it has consumed). Not modelled:
+  routing imbalance (a rank with more than K T / EP routed rows keeps more; +2-8% of the MoE
+  term at random init), the embedding's dense [V / TP, D] gradient at the end of a backward
+  (below the peak: that micro-batch's activations are freed by then), the optimizer step's
+  temporaries (fused AdamW has none outside its kernel; the measured peak never falls after the
+  schedule), what gloo/NCCL and kernels allocate internally, allocator fragmentation.
+  benchmarks/memory_model.py compares the whole-step peak with measurement (within 4%).
 Per-GPU memory is the maximum over stages. benchmarks/SCALING.md compares the model with the
 measured CPU weak scaling.
 """
@@ -215,17 +231,27 @@ class TensorLayout(NamedTuple):
     tp: int = 1
     sp: bool = False
     etp: int = 1
+    ep: int = 1
 
     @classmethod
     def of(cls, parallel) -> "TensorLayout":
         t = parallel.tensor_model_parallel_size
-        return cls(t, parallel.sequence_parallel and t > 1, parallel.expert_tensor_size)
+        return cls(t, parallel.sequence_parallel and t > 1, parallel.expert_tensor_size,
+                   parallel.expert_model_parallel_size)
 
 
 NORM_KEEPS_OUTPUT = False
 """Whether a norm keeps its normalised output beside its input for backward: not on CUDA (torch's
 fused RMSNorm/LayerNorm keep the input and 1/rms), yes for RMSNorm on CPU (torch 2.13 composes it
-from elementwise ops; benchmarks/tensor_parallel.py sets it)."""
+from elementwise ops in fp32, so it keeps an fp32 copy of a bf16/fp16 input and the fp32
+normalised input; benchmarks/tensor_parallel.py and benchmarks/memory_model.py set it)."""
+
+
+def norm_bytes_per_element(model, b: int, norm_keeps_output: Optional[bool] = None) -> float:
+    """Bytes one norm keeps for backward per element of its [tokens, D] input: the input (b), or
+    with `NORM_KEEPS_OUTPUT` (CPU RMSNorm) the fp32 input and the fp32 normalised input."""
+    keeps_output = NORM_KEEPS_OUTPUT if norm_keeps_output is None else norm_keeps_output
+    return 2 * max(b, 4) if keeps_output and model.normalization == "RMSNorm" else b
 
 
 def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout = TensorLayout(),
@@ -242,16 +268,20 @@ def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout =
         input (2 H d), no S x S scores (flash-style SDPA); dense or shared FFN 3F (SwiGLU: fc1
         output 2F, activation F) or 2F (GELU);
     moe: router input D and, per routed copy, expert input D, fc1 output and activation 3F_e/ETP
-        (2F_e/ETP with GELU) and the combine's weighted copy D, for the T/T tokens each rank
-        routes (its sequence shard, with or without SP); with ETP > 1 each rank computes the
-        ETP-gathered tokens of its group, ETP x the rows at 1/ETP of the width.
+        (2F_e/ETP with GELU), the experts' output D and the combine's scattered copy D (the
+        weighted sum over K keeps it), for the T/T tokens each rank routes (its sequence shard,
+        with or without SP); with ETP > 1 each rank computes the ETP-gathered tokens of its
+        group, ETP x the rows at 1/ETP of the width, and keeps the reduce-scattered output D;
+        with EP > 1 the combine's all-to-all output D is kept too. The copies beside the
+        scattered one are kept by `index_copy`'s autograd, which saves its source (the
+        dispatcher scatters with it after the experts, after the ETP reduce-scatter and after
+        the all-to-all), on any device (measured, benchmarks/memory_model.py).
     """
     D, d = model.hidden_size, model.kv_channels
     H, G = model.num_attention_heads, model.num_query_groups
     t, etp = tl.tp, tl.etp
     outside_tokens = T / t if tl.sp else T
-    keeps_output = NORM_KEEPS_OUTPUT if norm_keeps_output is None else norm_keeps_output
-    per_norm = D * b * (2 if keeps_output and model.normalization == "RMSNorm" else 1)
+    per_norm = D * norm_bytes_per_element(model, b, norm_keeps_output)
     mask = D if model.hidden_dropout > 0 else 0
     outside = outside_tokens * 2 * (per_norm + mask)
     rope = (H + G) * d if model.position_embedding_type == "rope" else 0
@@ -270,8 +300,9 @@ def layer_activation_parts(model, layer: int, T: int, b: int, tl: TensorLayout =
             inside += T * ffn_width * moe.shared_expert_ffn_hidden_size * b / t
         if not moe_recompute:
             routed = T / t
+            combine = etp * D + D + (D if tl.ep > 1 else 0) + (D if etp > 1 else 0)
             moe_part = routed * D * b + moe.router_topk * routed * (
-                etp * D + ffn_width * moe.ffn_hidden_size + D) * b
+                etp * D + ffn_width * moe.ffn_hidden_size + combine) * b
     return {"outside": outside, "region_inputs": region, "inside": inside, "moe": moe_part}
 
 
@@ -293,29 +324,92 @@ def chunk_recompute(cfg, layers: list[int]) -> tuple[tuple[tuple[int, int], ...]
 
 def chunk_activation_bytes(cfg, layers: list[int], T: int, b: int) -> tuple[float, float]:
     """(kept per micro-batch, transient once) activation bytes of one model chunk under the recompute
-    flags: a recomputed segment keeps only its input, and re-creates its layers' activations once."""
+    flags: a recomputed segment keeps only its input, and re-creates its layers' activations once;
+    `--moe-layer-recompute` re-creates one MoE layer's router and expert activations at a time
+    (on top of its segment's, when both are on)."""
     model, tl = cfg.model, TensorLayout.of(cfg.parallel)
-    full = [layer_activation_bytes(model, i, T, b, cfg.training.moe_layer_recompute, tl) for i in layers]
+    moe_recompute = cfg.training.moe_layer_recompute
+    full = [layer_activation_bytes(model, i, T, b, moe_recompute, tl) for i in layers]
     segments, _ = chunk_recompute(cfg, layers)
     in_segment = {j for a, z in segments for j in range(a, z)}
     segment_input = T * model.hidden_size * b / (tl.tp if tl.sp else 1)  # x_BsD under SP
     kept = len(segments) * segment_input + sum(f for j, f in enumerate(full) if j not in in_segment)
-    return kept, max((sum(full[a:z]) for a, z in segments), default=0.0)
+    moe_again = max((layer_activation_parts(model, i, T, b, tl)["moe"] for i in layers), default=0.0) \
+        if moe_recompute else 0.0
+    return kept, max((sum(full[a:z]) for a, z in segments), default=0.0) + moe_again
 
 
-def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
+def layer_backward_bytes(model, layer: int, T: int, b: int, tl: TensorLayout = TensorLayout()) -> float:
+    """The widest gradient working set of one layer's backward for a micro-batch of T tokens (one
+    rank): the gradients of the FFN's fc1 output and of its activation, alive together while the
+    FFN's backward runs (SwiGLU 2F + F, GELU F + F): for the experts K T/T routed rows x 3F_e
+    (ETP x the rows at F_e/ETP: the same bytes), for a dense or shared FFN T x 3F/T. Attention's
+    gradients (T (4H + 3G) d b / T at most) are narrower in every config here."""
+    moe, width = model.moe, (3 if model.swiglu else 2)
+    if moe is None or not moe.is_moe_layer(layer):
+        return T * width * model.ffn_hidden_size * b / tl.tp
+    routed = moe.router_topk * T / tl.tp * width * moe.ffn_hidden_size * b
+    shared = T * width * (moe.shared_expert_ffn_hidden_size or 0) * b / tl.tp
+    return max(routed, shared)
+
+
+def loss_kept_bytes(model, T: int, b: int, tl: TensorLayout = TensorLayout(),
+                    norm_keeps_output: Optional[bool] = None) -> float:
+    """What the last stage keeps per in-flight micro-batch after its layers: the final norm's
+    input (`norm_bytes_per_element`, / T with SP) and the fused output layer + cross-entropy's
+    dW of this rank's V/T rows (in the parameters' dtype) and dh of all T tokens."""
+    D, V = model.hidden_size, model.vocab_size
+    norm_tokens = T / tl.tp if tl.sp else T
+    return (norm_tokens * D * norm_bytes_per_element(model, b, norm_keeps_output)
+            + V * D * b / tl.tp + T * D * b)
+
+
+def loss_forward_bytes(model, T: int, b: int, tl: TensorLayout = TensorLayout()) -> float:
+    """The fused loss's forward working set beyond what it keeps: its input h (T D b, all tokens),
+    one logits chunk of min(T V, LOGITS_CHUNK) / T fp32 elements (plus the b-byte matmul output
+    before the fp32 cast with --bf16/--fp16), and the fp32 dW accumulator in place of the b-byte
+    copy it keeps."""
+    D, V = model.hidden_size, model.vocab_size
+    chunk = min(T * V, LOGITS_CHUNK) / tl.tp
+    return T * D * b + chunk * (4 + (b if b < 4 else 0)) + V * D * (4 - b) / tl.tp
+
+
+def stage_activation_parts(cfg, layout, r: int, b: int) -> dict:
+    """Activation bytes of one GPU of stage r at its peak, by term:
+
+    kept: the in-flight chunk-micro-batches' kept activations (`inflight_chunks` x the chunk's
+        `chunk_activation_bytes`), on the last stage plus `loss_kept_bytes` per in-flight
+        micro-batch;
+    loss_forward: the last stage's fused-loss forward working set (`loss_forward_bytes`);
+    backward: the backward working set: the largest recomputed segment's activations, the
+        widest layer's gradients (`layer_backward_bytes`), and on the last stage the output
+        layer's weight gradient (V/T x D x b; with tied weights on a stage that also holds the
+        embedding it waits for the embedding's gradient through the whole backward) less the
+        loss's kept tensors of the micro-batch being back-propagated (its first backward node
+        consumes and frees them).
+    The peak is kept + max(loss_forward, backward): the loss's forward and a backward pass do
+    not overlap."""
     m, t = cfg.model, cfg.training
     P, V, mb = layout.num_stages, layout.num_chunks, cfg.num_microbatches
     T = t.micro_batch_size * m.seq_length
+    tl = TensorLayout.of(cfg.parallel)
     chunks = [chunk_activation_bytes(cfg, list(layout.layers(k)), T, b) for k in layout.virtual_stages(r)]
-    per_chunk = sum(kept for kept, _ in chunks) / V
-    act = inflight_chunks(P, V, mb, r) * per_chunk + max(transient for _, transient in chunks)
-    if r == P - 1:  # fused output layer + loss: dW of this rank's V / T rows, dh of all T tokens
-        tp = cfg.parallel.tensor_model_parallel_size
-        inflight_last = inflight_chunks(P, V, mb, r) / V
-        act += inflight_last * (m.vocab_size * m.hidden_size * 4 / tp + T * m.hidden_size * b)
-        act += min(T * m.vocab_size, LOGITS_CHUNK) * 4 / tp
-    return act
+    inflight = inflight_chunks(P, V, mb, r)
+    kept = inflight * sum(k for k, _ in chunks) / V
+    widest = max((layer_backward_bytes(m, i, T, b, tl) for i in layout.rank_layers(r)), default=0.0)
+    backward = max(transient for _, transient in chunks) + widest
+    forward = 0.0
+    if r == P - 1:
+        kept += inflight / V * loss_kept_bytes(m, T, b, tl)
+        forward = loss_forward_bytes(m, T, b, tl)
+        backward = max(0.0, backward + m.vocab_size * m.hidden_size * b / tl.tp - loss_kept_bytes(m, T, b, tl))
+    return {"kept": kept, "loss_forward": forward, "backward": backward}
+
+
+def stage_activation_bytes(cfg, layout, r: int, b: int) -> float:
+    """Peak activation bytes of one GPU of stage r (`stage_activation_parts`)."""
+    parts = stage_activation_parts(cfg, layout, r, b)
+    return parts["kept"] + max(parts["loss_forward"], parts["backward"])
 
 
 # ---------------------------------------------------------------- tensor-parallel communication
@@ -425,9 +519,10 @@ def stage_memory(cfg, layout, r: int) -> dict:
     w, g, o = precision_bytes(t)
     shard, shard_e = (dp, edp) if p.use_distributed_optimizer else (1, 1)
     b = 2 if (t.bf16 or t.fp16) else 4
+    act = stage_activation_parts(cfg, layout, r, b)
     return {"stage": r, "params": local, "weights": w * local, "grads": g * local,
             "optimizer": o * (dense / shard + expert / shard_e),
-            "activations": stage_activation_bytes(cfg, layout, r, b)}
+            "activations": act["kept"] + max(act["loss_forward"], act["backward"]), "activation_parts": act}
 
 
 def stage_flops_per_token(model, layout, r: int) -> float:

@@ -95,10 +95,36 @@ def test_pipeline_stage_memory_and_worst_stage():
     T, b = S, 4
     # norm inputs + 1-byte dropout masks (hidden dropout 0.1), QKV input, attention core
     # (qkv 3D, q and k after RoPE 2D, SDPA output and projection input 2D), router input,
-    # per routed copy: expert input D, SwiGLU 3F, combine copy D
-    per_layer = T * (2 * (D * b + D) + D * b + 7 * D * b + D * b + K * (2 * D + 3 * F) * b)
-    assert stage0["activations"] == pytest.approx(2 * 2 * per_layer)       # 2 micro-batches x 2 layers
+    # per routed copy: expert input D, SwiGLU 3F, the experts' output D and the combine's copy D
+    per_layer = T * (2 * (D * b + D) + D * b + 7 * D * b + D * b + K * (3 * D + 3 * F) * b)
+    backward = K * T * 3 * F * b          # widest backward working set: the experts' fc1-output and activation gradients
+    assert stage0["activations"] == pytest.approx(2 * 2 * per_layer + backward)  # 2 micro-batches x 2 layers
     assert r["worst_stage"] == max(range(2), key=lambda i: r["stages"][i]["total_bytes"])
+
+
+def test_loss_and_backward_working_sets_worked_example():
+    """The last stage's loss terms and the backward working set of `stage_activation_parts`, by
+    hand for a micro-batch of T = S tokens (T x V is far below the 2^27-element logits chunk)."""
+    m, T = cfg("").model, S
+    # forward: the input h, one fp32 logits chunk; in fp32 the dW accumulator is the kept copy
+    assert est.loss_forward_bytes(m, T, 4) == T * D * 4 + T * VOCAB * 4
+    # bf16: plus the bf16 matmul output before the fp32 cast, and 4 - 2 bytes a dW element
+    assert est.loss_forward_bytes(m, T, 2) == T * D * 2 + T * VOCAB * (4 + 2) + VOCAB * D * 2
+    # T = 2 (SP): this rank's V / 2 rows of the chunk; h is whole
+    assert est.loss_forward_bytes(m, T, 4, est.TensorLayout(2, True)) == T * D * 4 + T * VOCAB * 4 / 2
+    # kept per in-flight micro-batch: the final norm's input, dW (parameters' dtype) and dh
+    assert est.loss_kept_bytes(m, T, 4) == T * D * 4 + VOCAB * D * 4 + T * D * 4
+    assert est.loss_kept_bytes(m, T, 2, norm_keeps_output=True) == T * D * 8 + VOCAB * D * 2 + T * D * 2
+    # backward: the experts' fc1-output (2F) and activation (F) gradients for K T rows (ETP: same bytes)
+    assert est.layer_backward_bytes(m, 0, T, 4) == K * T * 3 * F * 4
+    assert est.layer_backward_bytes(m, 0, T, 4, est.TensorLayout(2, True, 2)) == K * T / 2 * 3 * F * 4
+    c = cfg("")
+    parts = est.stage_activation_parts(c, c.parallel.pipeline_layout(L), 0, 4)
+    assert parts["loss_forward"] == T * D * 4 + T * VOCAB * 4
+    # plus the output layer's dW, less the loss's kept tensors that backward consumes first
+    assert parts["backward"] == K * T * 3 * F * 4 + VOCAB * D * 4 - (T * D * 4 + VOCAB * D * 4 + T * D * 4)
+    assert est.stage_memory(c, c.parallel.pipeline_layout(L), 0)["activations"] == \
+        parts["kept"] + max(parts["loss_forward"], parts["backward"])
 
 
 def test_p1_fp32_matches_the_figures_before_pipelines():
