@@ -960,10 +960,10 @@ def main(argv=None) -> None:
     a, rest = p.parse_known_args(argv)
     world = a.nodes * a.gpus_per_node
     extra = [] if "--mock-data" in rest or "--data-path" in rest else ["--mock-data"]
-    if "--vocab-size" not in rest:
-        extra += ["--vocab-size", "32000"]
     try:
         args = parse_args(rest + extra)
+        if args.vocab_size is None and args.tokenizer_type is None:
+            args.vocab_size = 32000  # neither the config nor the flags give one
         if a.plan:  # the planner chooses the layout: the config's own one need not fit this world
             vars(args).update(PLANNER_CHOOSES)
         cfg = config_from_args(args, world_size=1 if a.plan else world)
