@@ -24,7 +24,7 @@ import datetime
 import gc
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -178,19 +178,37 @@ def initialize(parallel: ParallelConfig) -> ProcessGroups:
     device = default_device(backend, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         _export_slurm_rendezvous(env)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
+        _init_process_group(backend, timeout)
     return groups_from_mesh(parallel.expert_model_parallel_size, device, backend,
                             parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size,
-                            parallel.expert_tensor_parallel_size)
+                            parallel.expert_tensor_parallel_size, timeout)
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group over env://. Under torchrun its keys go under a prefix of their own
+    per worker-group restart: torchrun's agent keeps one TCPStore for all its restarts, and
+    without the prefix a restarted rank can read a dead rank's address (or NCCL id) from the
+    previous attempt and fail to connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"restart_{restart}", store), rank=rank,
+                            world_size=world_size, timeout=timeout)
 
 
 def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None,
-                     pp_size: int = 1, tp_size: int = 1, etp_size: Optional[int] = None) -> ProcessGroups:
+                     pp_size: int = 1, tp_size: int = 1, etp_size: Optional[int] = None,
+                     timeout: Optional[datetime.timedelta] = None) -> ProcessGroups:
     """ProcessGroups for an initialised default group: the dense ("pp", "dp", "tp") and expert
     ("pp", "expert_dp", "ep", "etp") views of the same ranks (module docstring). `etp_size`
-    defaults to `tp_size`, as Megatron-Core's --expert-tensor-parallel-size does."""
+    defaults to `tp_size`, as Megatron-Core's --expert-tensor-parallel-size does. `timeout`
+    (--distributed-timeout-minutes) is given to every group; without it they keep torch's default."""
     from torch.distributed.device_mesh import DeviceMesh
 
     etp_size = tp_size if etp_size is None else etp_size
@@ -202,7 +220,7 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
                          mesh_dim_names=("pp", "expert_dp", "ep", "etp"))
     dense_stage = dense["dp", "tp"]
     expert_stage = experts["expert_dp", "ep", "etp"]
-    return ProcessGroups(
+    groups = ProcessGroups(
         rank=rank,
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
@@ -218,15 +236,29 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
         ep_etp=experts["ep", "etp"]._flatten("ep_etp").get_group(),
         expert_dp=experts["expert_dp"].get_group(),
         pp=dense["pp"].get_group() if pp_size > 1 else None,
-        embedding=_embedding_group(dense.mesh) if pp_size > 1 else None,
+        embedding=_embedding_group(dense.mesh, timeout) if pp_size > 1 else None,
     )
+    if timeout is not None:
+        set_timeout(groups, timeout)
+    return groups
 
 
-def _embedding_group(ranks_PXE: torch.Tensor) -> dist.ProcessGroup:
+def set_timeout(groups: ProcessGroups, timeout: datetime.timedelta) -> None:
+    """Give every group of `groups` the collective timeout `timeout`. DeviceMesh creates its
+    groups with torch's default (30 min for gloo, 10 for nccl), not the default group's timeout
+    that init_process_group got, so without this --distributed-timeout-minutes would not apply
+    to the expert all-to-all or the gradient reductions."""
+    for f in fields(groups):
+        group = getattr(groups, f.name)
+        if isinstance(group, dist.ProcessGroup):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def _embedding_group(ranks_PXE: torch.Tensor, timeout: Optional[datetime.timedelta] = None) -> dist.ProcessGroup:
     """This rank's {first stage, last stage} group; every rank creates every such group, in order."""
     mine = None
     for column in ranks_PXE.flatten(1).t().tolist():
-        group = dist.new_group(sorted({column[0], column[-1]}))
+        group = dist.new_group(sorted({column[0], column[-1]}), timeout=timeout)
         if dist.get_rank() in column:
             mine = group
     return mine
