@@ -24,6 +24,7 @@ import datetime
 import gc
 import os
 import re
+import time
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -286,7 +287,8 @@ def is_timeout(error: BaseException) -> bool:
 
 
 class report_hangs:
-    """Context manager: a collective timeout becomes one clear error naming this rank."""
+    """Context manager: a collective timeout becomes one clear error naming this rank, the ranks
+    that timed out with it and those that did not (the suspects: hung or crashed)."""
 
     def __init__(self, groups: ProcessGroups, timeout_minutes: float):
         self.groups = groups
@@ -297,9 +299,52 @@ class report_hangs:
 
     def __exit__(self, exc_type, exc, tb):
         if exc is not None and not isinstance(exc, CollectiveTimeout) and is_timeout(exc):
+            wait_s = min(5.0, self.timeout_minutes * 30)
             raise CollectiveTimeout(
                 f"rank {self.groups.rank} of {self.groups.world_size}: a collective did not finish within "
-                f"{self.timeout_minutes:g} min (--distributed-timeout-minutes); another rank has probably "
-                f"crashed, hung or run different collectives; check its log. Cause: {str(exc).splitlines()[0]}"
+                f"{self.timeout_minutes:g} min (--distributed-timeout-minutes); "
+                f"{_suspects(self.groups.world_size, timed_out_ranks(self.groups, wait_s))}. "
+                f"Cause: {str(exc).splitlines()[0]}"
             ) from exc
         return False
+
+
+_TIMED_OUT_KEY = "megatron/timed_out_ranks"
+
+
+def timed_out_ranks(groups: ProcessGroups, wait_s: float) -> Optional[list[int]]:
+    """The ranks that reported a timed-out collective in the default group's store, this one
+    included, waiting up to `wait_s` seconds for all but one rank to report; None when the store
+    cannot be reached (it may have gone with a dead rank 0)."""
+    if groups.world_size == 1 or not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.append(_TIMED_OUT_KEY, f"{groups.rank},")
+        deadline = time.monotonic() + wait_s
+        while True:
+            ranks = sorted({int(r) for r in store.get(_TIMED_OUT_KEY).decode().split(",") if r})
+            if len(ranks) >= groups.world_size - 1 or time.monotonic() >= deadline:
+                return ranks
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any store failure: report without the other ranks
+        return None
+
+
+def _suspects(world_size: int, timed_out: Optional[list[int]]) -> str:
+    if timed_out is None:
+        return ("another rank has probably crashed, hung or run different collectives: the ranks that print "
+                "this error waited for it, check the log of one that does not")
+    others = [r for r in range(world_size) if r not in timed_out]
+    if not others:
+        return "every rank timed out: they probably ran different collectives"
+    return (f"timed out: {_rank_list(timed_out)}; did not time out, so probably hung or crashed: "
+            f"{_rank_list(others)} (check {'its log' if len(others) == 1 else 'their logs'})")
+
+
+def _rank_list(ranks: list[int], most: int = 8) -> str:
+    """'rank 2', 'ranks 0, 1, 3', or the first `most` and how many in all."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    shown = ", ".join(map(str, ranks[:most]))
+    return f"ranks {shown}" if len(ranks) <= most else f"ranks {shown}, ... ({len(ranks)} in all)"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.core.parallel_state import groups_from_mesh
+from megatron.core.parallel_state import _suspects, groups_from_mesh
 from tests.distributed.harness import run_distributed
 from tests.helpers import TINY_FLAGS
 
@@ -47,12 +47,15 @@ class Job:
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
         self.lines: list[str] = []
+        self.times: list[float] = []
+        """time.monotonic() when each line arrived"""
         self.seen: set[int] = set()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
+            self.times.append(time.monotonic())
             self.lines.append(line)
 
     @property
@@ -225,3 +228,61 @@ def test_rank_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path,
     assert sorted(resumed_logs) == list(range(loaded + 1, TRAIN_ITERS + 1)), job.output
     assert_same_iterations(resumed_logs, reference, "after the restart")
     assert read_latest(save) == TRAIN_ITERS and not list(save.glob("*.tmp")) and not list(save.glob("*.old"))
+
+
+def _group_timeouts(rank: int, world: int, seconds: float) -> dict[str, datetime.timedelta]:
+    groups = groups_from_mesh(2, torch.device("cpu"), "gloo", timeout=datetime.timedelta(seconds=seconds))
+    return {name: getattr(groups, name)._get_backend(torch.device("cpu")).options._timeout
+            for name in ("dp", "tp", "tp_dp", "ep", "etp", "ep_etp", "expert_dp")}
+
+
+def test_every_group_gets_the_distributed_timeout():
+    """DeviceMesh makes its groups with torch's default timeout (30 min for gloo), not
+    init_process_group's: the expert all-to-all and gradient reductions must get
+    --distributed-timeout-minutes too."""
+    for rank_timeouts in run_distributed(_group_timeouts, WORLD, 12.0):
+        assert rank_timeouts == dict.fromkeys(rank_timeouts, datetime.timedelta(seconds=12)), rank_timeouts
+
+
+TIMEOUT_MINUTES = 0.2
+TORCHRUN_GRACE_S = 30
+"""How long torchrun waits for a worker to exit on SIGTERM before it sends SIGKILL (a stopped or
+hung worker never exits on SIGTERM); fixed in torch.distributed.elastic's _stop_workers."""
+
+
+def test_hung_rank_stops_the_job_within_the_timeout_naming_it(tmp_path):
+    """SIGSTOP local rank 2 (the others block in collectives with it): within
+    --distributed-timeout-minutes (12 s) plus a few seconds the other ranks each print one line
+    naming themselves, the flag, the ranks that timed out and rank 2 as the suspect; torchrun
+    (--max-restarts 0) then exits non-zero once its grace period for the stopped rank is over."""
+    timeout_s = TIMEOUT_MINUTES * 60
+    job = Job(f"{FLAGS} --log-interval 1 --train-iters 100000 --distributed-timeout-minutes {TIMEOUT_MINUTES}",
+              max_restarts=0)
+    victim = None
+    try:
+        job.wait_for(r"iteration\s+3/", timeout=150)
+        victim = job.worker_pid(VICTIM)
+        os.kill(victim, signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = job.finish(timeout=timeout_s + TORCHRUN_GRACE_S + 60)
+        elapsed = time.monotonic() - stopped
+    finally:
+        job.kill()
+    errors = [(t - stopped, line) for t, line in zip(job.times, job.lines) if "CollectiveTimeout: " in line]
+    assert code != 0 and errors, job.output
+    suspect = f"did not time out, so probably hung or crashed: rank {VICTIM} (check its log)"
+    for after, line in errors:
+        assert timeout_s <= after < timeout_s + 15, (after, line)
+        assert "a collective did not finish within 0.2 min (--distributed-timeout-minutes)" in line, line
+        assert suspect in line and "timed out: ranks 0, 1, 3;" in line, line
+    assert {int(re.search(r"rank (\d) of 4", line).group(1)) for _, line in errors} <= {0, 1, 3}
+    assert elapsed < timeout_s + TORCHRUN_GRACE_S + 20, elapsed
+
+
+def test_suspects_line_stays_short():
+    """The hang report lists at most 8 ranks per list; every rank timing out means mismatched collectives."""
+    line = _suspects(1024, [r for r in range(1024) if r != 700])
+    assert line == ("timed out: ranks 0, 1, 2, 3, 4, 5, 6, 7, ... (1023 in all); did not time out, so probably "
+                    "hung or crashed: rank 700 (check its log)")
+    assert _suspects(2, [0, 1]).startswith("every rank timed out")
+    assert "check the log of one that does not" in _suspects(4, None)
