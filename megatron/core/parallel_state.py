@@ -189,18 +189,29 @@ def initialize(parallel: ParallelConfig) -> ProcessGroups:
 
 
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
-    """init_process_group over env://. Under torchrun its keys go under a prefix of their own
-    per worker-group restart: torchrun's agent keeps one TCPStore for all its restarts, and
-    without the prefix a restarted rank can read a dead rank's address (or NCCL id) from the
-    previous attempt and fail to connect ("Gloo connectFullMesh failed ... Connection refused")."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    """init_process_group over env://, its keys under a prefix of their own per worker-group
+    restart when one torchrun agent restarts its workers: the agent keeps one TCPStore for all
+    its restarts, and without the prefix a restarted rank can read a dead rank's address (or
+    NCCL id) from the previous attempt and fail to connect ("Gloo connectFullMesh failed ...
+    Connection refused") or hang. With several agents (nodes) their restart counts can differ
+    (a membership change does not count), so there torch's own switch applies: export
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun for a fresh store per restart."""
+    restart = restart_prefix()
     if restart is None:
         dist.init_process_group(backend, timeout=timeout)
         return
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
     store.set_timeout(timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"restart_{restart}", store), rank=rank,
-                            world_size=world_size, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(restart, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def restart_prefix(environ: Optional[dict] = None) -> Optional[str]:
+    """'restart_N' for the N-th restart of a single torchrun agent's workers sharing its store; else None."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    return f"restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None,
