@@ -24,7 +24,8 @@ import datetime
 import gc
 import os
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -178,19 +179,48 @@ def initialize(parallel: ParallelConfig) -> ProcessGroups:
     device = default_device(backend, env.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if not dist.is_initialized():
         _export_slurm_rendezvous(env)
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=parallel.distributed_timeout_minutes))
+        _init_process_group(backend, timeout)
     return groups_from_mesh(parallel.expert_model_parallel_size, device, backend,
                             parallel.pipeline_model_parallel_size, parallel.tensor_model_parallel_size,
-                            parallel.expert_tensor_parallel_size)
+                            parallel.expert_tensor_parallel_size, timeout)
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """init_process_group over env://, its keys under a prefix of their own per worker-group
+    restart when one torchrun agent restarts its workers: the agent keeps one TCPStore for all
+    its restarts, and without the prefix a restarted rank can read a dead rank's address (or
+    NCCL id) from the previous attempt and fail to connect ("Gloo connectFullMesh failed ...
+    Connection refused") or hang. With several agents (nodes) their restart counts can differ
+    (a membership change does not count), so there torch's own switch applies: export
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun for a fresh store per restart."""
+    restart = restart_prefix()
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(restart, store), rank=rank, world_size=world_size,
+                            timeout=timeout)
+
+
+def restart_prefix(environ: Optional[dict] = None) -> Optional[str]:
+    """'restart_N' for the N-th restart of a single torchrun agent's workers sharing its store; else None."""
+    env = os.environ if environ is None else environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or env.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    return f"restart_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] = None,
-                     pp_size: int = 1, tp_size: int = 1, etp_size: Optional[int] = None) -> ProcessGroups:
+                     pp_size: int = 1, tp_size: int = 1, etp_size: Optional[int] = None,
+                     timeout: Optional[datetime.timedelta] = None) -> ProcessGroups:
     """ProcessGroups for an initialised default group: the dense ("pp", "dp", "tp") and expert
     ("pp", "expert_dp", "ep", "etp") views of the same ranks (module docstring). `etp_size`
-    defaults to `tp_size`, as Megatron-Core's --expert-tensor-parallel-size does."""
+    defaults to `tp_size`, as Megatron-Core's --expert-tensor-parallel-size does. `timeout`
+    (--distributed-timeout-minutes) is given to every group; without it they keep torch's default."""
     from torch.distributed.device_mesh import DeviceMesh
 
     etp_size = tp_size if etp_size is None else etp_size
@@ -202,7 +232,7 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
                          mesh_dim_names=("pp", "expert_dp", "ep", "etp"))
     dense_stage = dense["dp", "tp"]
     expert_stage = experts["expert_dp", "ep", "etp"]
-    return ProcessGroups(
+    groups = ProcessGroups(
         rank=rank,
         world_size=world,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
@@ -218,15 +248,29 @@ def groups_from_mesh(ep_size: int, device: torch.device, backend: Optional[str] 
         ep_etp=experts["ep", "etp"]._flatten("ep_etp").get_group(),
         expert_dp=experts["expert_dp"].get_group(),
         pp=dense["pp"].get_group() if pp_size > 1 else None,
-        embedding=_embedding_group(dense.mesh) if pp_size > 1 else None,
+        embedding=_embedding_group(dense.mesh, timeout) if pp_size > 1 else None,
     )
+    if timeout is not None:
+        set_timeout(groups, timeout)
+    return groups
 
 
-def _embedding_group(ranks_PXE: torch.Tensor) -> dist.ProcessGroup:
+def set_timeout(groups: ProcessGroups, timeout: datetime.timedelta) -> None:
+    """Give every group of `groups` the collective timeout `timeout`. DeviceMesh creates its
+    groups with torch's default (30 min for gloo, 10 for nccl), not the default group's timeout
+    that init_process_group got, so without this --distributed-timeout-minutes would not apply
+    to the expert all-to-all or the gradient reductions."""
+    for f in fields(groups):
+        group = getattr(groups, f.name)
+        if isinstance(group, dist.ProcessGroup):
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+def _embedding_group(ranks_PXE: torch.Tensor, timeout: Optional[datetime.timedelta] = None) -> dist.ProcessGroup:
     """This rank's {first stage, last stage} group; every rank creates every such group, in order."""
     mine = None
     for column in ranks_PXE.flatten(1).t().tolist():
-        group = dist.new_group(sorted({column[0], column[-1]}))
+        group = dist.new_group(sorted({column[0], column[-1]}), timeout=timeout)
         if dist.get_rank() in column:
             mine = group
     return mine
@@ -254,7 +298,8 @@ def is_timeout(error: BaseException) -> bool:
 
 
 class report_hangs:
-    """Context manager: a collective timeout becomes one clear error naming this rank."""
+    """Context manager: a collective timeout becomes one clear error naming this rank, the ranks
+    that timed out with it and those that did not (the suspects: hung or crashed)."""
 
     def __init__(self, groups: ProcessGroups, timeout_minutes: float):
         self.groups = groups
@@ -265,9 +310,52 @@ class report_hangs:
 
     def __exit__(self, exc_type, exc, tb):
         if exc is not None and not isinstance(exc, CollectiveTimeout) and is_timeout(exc):
+            wait_s = min(5.0, self.timeout_minutes * 30)
             raise CollectiveTimeout(
                 f"rank {self.groups.rank} of {self.groups.world_size}: a collective did not finish within "
-                f"{self.timeout_minutes:g} min (--distributed-timeout-minutes); another rank has probably "
-                f"crashed, hung or run different collectives; check its log. Cause: {str(exc).splitlines()[0]}"
+                f"{self.timeout_minutes:g} min (--distributed-timeout-minutes); "
+                f"{_suspects(self.groups.world_size, timed_out_ranks(self.groups, wait_s))}. "
+                f"Cause: {str(exc).splitlines()[0]}"
             ) from exc
         return False
+
+
+_TIMED_OUT_KEY = "megatron/timed_out_ranks"
+
+
+def timed_out_ranks(groups: ProcessGroups, wait_s: float) -> Optional[list[int]]:
+    """The ranks that reported a timed-out collective in the default group's store, this one
+    included, waiting up to `wait_s` seconds for all but one rank to report; None when the store
+    cannot be reached (it may have gone with a dead rank 0)."""
+    if groups.world_size == 1 or not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.append(_TIMED_OUT_KEY, f"{groups.rank},")
+        deadline = time.monotonic() + wait_s
+        while True:
+            ranks = sorted({int(r) for r in store.get(_TIMED_OUT_KEY).decode().split(",") if r})
+            if len(ranks) >= groups.world_size - 1 or time.monotonic() >= deadline:
+                return ranks
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - any store failure: report without the other ranks
+        return None
+
+
+def _suspects(world_size: int, timed_out: Optional[list[int]]) -> str:
+    if timed_out is None:
+        return ("another rank has probably crashed, hung or run different collectives: the ranks that print "
+                "this error waited for it, check the log of one that does not")
+    others = [r for r in range(world_size) if r not in timed_out]
+    if not others:
+        return "every rank timed out: they probably ran different collectives"
+    return (f"timed out: {_rank_list(timed_out)}; did not time out, so probably hung or crashed: "
+            f"{_rank_list(others)} (check {'its log' if len(others) == 1 else 'their logs'})")
+
+
+def _rank_list(ranks: list[int], most: int = 8) -> str:
+    """'rank 2', 'ranks 0, 1, 3', or the first `most` and how many in all."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    shown = ", ".join(map(str, ranks[:most]))
+    return f"ranks {shown}" if len(ranks) <= most else f"ranks {shown}, ... ({len(ranks)} in all)"

@@ -123,3 +123,4 @@ def test_collective_timeout_names_the_rank():
     res = run_distributed(_hang_worker, 2)
     assert res[0].startswith("rank 0 of 2: a collective did not finish"), res[0]
     assert "--distributed-timeout-minutes" in res[0]
+    assert "timed out: rank 0; did not time out, so probably hung or crashed: rank 1" in res[0], res[0]

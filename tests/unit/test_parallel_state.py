@@ -1,7 +1,7 @@
 """Launcher environments and Megatron's data-parallel sample order."""
 
 from megatron.core.datasets.samplers import MegatronPretrainingSampler
-from megatron.core.parallel_state import first_slurm_host, launch_env
+from megatron.core.parallel_state import first_slurm_host, launch_env, restart_prefix
 
 
 def test_torchrun_environment_wins_over_slurm():
@@ -20,6 +20,16 @@ def test_first_slurm_host():
     assert first_slurm_host("gpu[012-015,020],cpu1") == "gpu012"
     assert first_slurm_host("node7") == "node7"
     assert first_slurm_host("a[3,5]") == "a3"
+
+
+def test_restart_prefix_only_for_one_agent_sharing_its_store():
+    """Each restart of a single torchrun agent's workers gets its own store namespace; several
+    agents (whose restart counts can differ) or a store of the workers' own get none."""
+    one = {"TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert restart_prefix(one) == "restart_2"
+    assert restart_prefix({**one, "GROUP_WORLD_SIZE": "4"}) is None
+    assert restart_prefix({**one, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_prefix({}) is None
 
 
 def global_batches(dp: int, mbs: int, gbs: int, steps: int, consumed: int = 0) -> list[list[int]]:
