@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from megatron.training.arguments import config_from_args, parse_args
 from tests.helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,12 +42,22 @@ def value(flags: list[str], name: str) -> int:
     return int(flags[flags.index(name) + 1])
 
 
+def data_parallel_memory_gib(flags: list[str], world: int) -> float:
+    """The estimate for the leanest plain data-parallel layout (micro-batch 1, full recompute)."""
+    est = load_tool("estimate")
+    cfg = config_from_args(parse_args(flags), world_size=world)
+    lean = est.with_layout(cfg, world, mbs=1, training=est.RECOMPUTE["full"])
+    return est.estimate(lean, world, 1, tflops=1.0, intra_gbps=8.0, inter_gbps=2.0, alpha_us=0.0,
+                        overlap=True)["memory_gib"]
+
+
 def test_planned_layout_trains_like_one_process(capsys):
     """A budget below what plain data parallelism needs makes the planner split the tiny model
     over tensor, pipeline and/or expert ranks; those flags train with one process's losses."""
     base = ["--config", "configs/tiny_moe.yaml", "--train-iters", "3", "--lr-warmup-iters", "1",
             "--log-interval", "1", "--eval-iters", "0"]
-    flags = planned_flags(["--plan", "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory-gib", "0.08",
+    budget = 0.9 * data_parallel_memory_gib(base, world=4)
+    flags = planned_flags(["--plan", "--nodes", "1", "--gpus-per-node", "4", "--gpu-memory-gib", str(budget),
                            "--memory-margin", "0", *CPU_HARDWARE, *base], capsys)
     model_parallel = [value(flags, f) for f in ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                                                   "--expert-model-parallel-size")]
