@@ -63,7 +63,8 @@ def test_planned_layout_trains_like_one_process(capsys):
                                                   "--expert-model-parallel-size")]
     assert max(model_parallel) > 1, flags
     planned = train(base + flags, nproc=4)
-    single = train(base)
+    # the same micro-batches (the load-balancing loss is per micro-batch), in one process
+    single = train(base + ["--micro-batch-size", str(value(flags, "--micro-batch-size"))])
     assert sorted(planned) == sorted(single) == [1, 2, 3]
     for i in single:
         assert planned[i] == pytest.approx(single[i], rel=1e-4), (i, flags)
@@ -92,7 +93,8 @@ def test_mixtral_8x22b_plan_for_16_nodes_trains_its_tiny_equivalent(capsys):
     world = pp * stage
     assert world <= 64, f"the planned layout needs {world} ranks, too many for a CPU test: {flags}"
     planned = train(TINY_8X22B + flags + ["--log-interval", "1"], nproc=world, timeout=1800)
-    single = train(TINY_8X22B + ["--expert-model-parallel-size", "1", "--log-interval", "1"])
+    single = train(TINY_8X22B + ["--expert-model-parallel-size", "1", "--log-interval", "1",
+                                 "--micro-batch-size", str(value(flags, "--micro-batch-size"))])
     print(f"\n{world} ranks, {' '.join(flags)}: lm loss {planned}; one process: {single}")
     assert sorted(planned) == sorted(single) == [1, 2]
     for i in single:
