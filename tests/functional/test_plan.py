@@ -98,4 +98,4 @@ def test_mixtral_8x22b_plan_for_16_nodes_trains_its_tiny_equivalent(capsys):
     print(f"\n{world} ranks, {' '.join(flags)}: lm loss {planned}; one process: {single}")
     assert sorted(planned) == sorted(single) == [1, 2]
     for i in single:
-        assert planned[i] == pytest.approx(single[i], rel=2e-2), (i, flags)   # bf16
+        assert planned[i] == pytest.approx(single[i], rel=1e-3), (i, flags)   # bf16; measured 2e-6

@@ -54,9 +54,14 @@ class Cluster:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
         return r.stdout
 
+    last_state = None
+    """The JobState `job` last saw."""
+
     def job(self, job_id: str) -> dict:
         """scontrol's fields of a job (JobState, Restarts, ExitCode, ...)."""
-        return dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "-o", job_id)))
+        fields = dict(re.findall(r"(\w+)=(\S*)", self.run("scontrol", "show", "job", "-o", job_id)))
+        self.last_state = fields.get("JobState")
+        return fields
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
@@ -93,9 +98,13 @@ def _wait(what: str, predicate, output: Path, cluster: Cluster, timeout: float =
         value = predicate()
         if value:
             return value
+        if cluster.last_state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL"):
+            break  # it will not get there
         time.sleep(0.5)
     text = output.read_text(errors="replace") if output.exists() else "(no output file)"
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n--- job output:\n{text[-6000:]}\n{cluster.logs()}")
+    waited = time.monotonic() - deadline + timeout
+    pytest.fail(f"gave up after {waited:.0f} s (job {cluster.last_state}) waiting for {what}\n"
+                f"--- job output:\n{text[-6000:]}\n{cluster.logs()}")
 
 
 def _runs(output: Path) -> list[str]:
@@ -135,7 +144,10 @@ def _assert_saved_on_signal(run: str, ckpt: Path) -> int:
 
 
 def _start_now(cluster: Cluster, job_id: str) -> None:
-    """Start a requeued job now instead of after slurm's two-minute requeue hold."""
+    """Start a requeued job now instead of after slurm's two-minute requeue hold. Not within the
+    second its last run ended: slurm revokes that run's credential with one-second resolution,
+    and a run launched in the same second is killed ("Job credential revoked")."""
+    time.sleep(2)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 
