@@ -40,19 +40,10 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import SMALL_MOE_FLAGS  # noqa: E402
 from megatron.training.arguments import config_from_args, parse_args  # noqa: E402
 from tests.distributed.harness import run_distributed  # noqa: E402
 from tests.helpers import load_tool  # noqa: E402
-
-MODEL_FLAGS = (
-    "--num-layers {layers} --hidden-size {hidden} --ffn-hidden-size {ffn} --num-attention-heads 8 "
-    "--group-query-attention --num-query-groups 4 --seq-length {seq} --max-position-embeddings {seq} "
-    "--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
-    "--hidden-dropout 0 --attention-dropout 0 --vocab-size {vocab} --make-vocab-size-divisible-by 1 "
-    "--num-experts {experts} --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 "
-    "--mock-data --micro-batch-size {mbs} --global-batch-size {gbs} --train-iters 100 --lr 1e-4 "
-    "--eval-iters 0 --num-workers 0 --log-interval 1"
-)
 
 RECOMPUTE_FULL = "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1"
 EP2 = "--expert-model-parallel-size 2 --moe-token-dispatcher-type alltoall"
@@ -211,9 +202,9 @@ def make_config(flags: str, world: int):
 
 def layout_flags(size: dict, world: int, extra: str, microbatches: int) -> str:
     """The model flags plus `extra`, with the global batch set for `microbatches` per DP rank."""
-    probe = make_config(MODEL_FLAGS.format(**size, gbs=size["mbs"] * world * microbatches) + " " + extra, world)
+    probe = make_config(SMALL_MOE_FLAGS.format(**size, gbs=size["mbs"] * world * microbatches) + " " + extra, world)
     dp = probe.parallel.data_parallel_size
-    return MODEL_FLAGS.format(**size, gbs=size["mbs"] * dp * microbatches) + " " + extra
+    return SMALL_MOE_FLAGS.format(**size, gbs=size["mbs"] * dp * microbatches) + " " + extra
 
 
 def measure(flags: str, world: int, warmup: int, detail: bool = False) -> dict:

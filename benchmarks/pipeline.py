@@ -41,19 +41,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import SMALL_MOE_FLAGS  # noqa: E402
 from megatron.training.arguments import config_from_args, parse_args  # noqa: E402
 from tests.distributed.harness import run_distributed  # noqa: E402
 from tests.helpers import load_tool  # noqa: E402
 
-MODEL_FLAGS = (
-    "--num-layers {layers} --hidden-size {hidden} --ffn-hidden-size {ffn} --num-attention-heads 8 "
-    "--group-query-attention --num-query-groups 4 --seq-length {seq} --max-position-embeddings {seq} "
-    "--position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear "
-    "--hidden-dropout 0 --attention-dropout 0 --vocab-size {vocab} --make-vocab-size-divisible-by 1 "
-    "--num-experts {experts} --moe-router-topk 2 --moe-aux-loss-coeff 1e-2 "
-    "--mock-data --micro-batch-size {mbs} --global-batch-size {gbs} --train-iters 100 --lr 1e-4 "
-    "--eval-iters 0 --num-workers 0 --log-interval 1 --pipeline-model-parallel-size {pp}"
-)
+MODEL_FLAGS = SMALL_MOE_FLAGS + " --pipeline-model-parallel-size {pp}"
 
 
 # ---------------------------------------------------------------- pure helpers
