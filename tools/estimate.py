@@ -626,7 +626,8 @@ def estimate(cfg, gpus_per_node: int, nodes: int, tflops: float, intra_gbps: flo
     total, expert, dense = total_params(m)
     tokens_per_gpu = t.global_batch_size * m.seq_length / world
     return {
-        "world": world, "mbs": t.micro_batch_size, "pp": P, "vp": V, "tp": tp, "sp": tl.sp, "etp": etp,
+        "world": world, "mbs": t.micro_batch_size, "pp": P, "vp": V,
+        "stage_ends": (p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers), "tp": tp, "sp": tl.sp, "etp": etp,
         "dp": dp, "ep": ep, "edp": edp, "microbatches": mb,
         "precision": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32",
         "distributed_optimizer": p.use_distributed_optimizer,
@@ -653,6 +654,7 @@ def divisors(n: int) -> list[int]:
 
 
 TP_SIZES = (1, 2, 4, 8)
+MICRO_BATCH_SIZES = (1, 2, 4, 8)
 
 
 def with_layout(cfg, world: int, P: int = 1, V: int = 1, tp: int = 1, etp: int = 1, ep: int = 1,
@@ -699,7 +701,7 @@ def candidate_configs(cfg, world: int):
         for tp, etp, ep in tensor_layouts(cfg, world // P):
             for dist in (False, True):
                 for half in (False, True):
-                    for mbs in (1, 2, 4, 8):
+                    for mbs in MICRO_BATCH_SIZES:
                         c = with_layout(cfg, world, P, 1, tp, etp, ep, mbs,
                                         training={"bf16": half, "fp16": False},
                                         parallel={"use_distributed_optimizer": dist})
@@ -726,22 +728,22 @@ def fit(cfg, budget_gib: float, gpus_per_node: int, max_gpus: int, **kw) -> list
 
 # ---------------------------------------------------------------- --plan: the fastest layout that fits
 
+_NO_RECOMPUTE = dict(moe_layer_recompute=False, recompute_granularity=None, recompute_method=None,
+                     recompute_num_layers=None)
 RECOMPUTE = {
-    "none": {},
-    "moe": {"moe_layer_recompute": True},
-    "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    "none": _NO_RECOMPUTE,
+    "moe": {**_NO_RECOMPUTE, "moe_layer_recompute": True},
+    "full": {**_NO_RECOMPUTE, "recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
 }
-"""Recompute choices, in order of memory saved (and time added): none, the MoE layers
-(--moe-layer-recompute), every layer (full, uniform runs of one layer)."""
-
-MICRO_BATCH_SIZES = (1, 2, 4, 8)
+"""Recompute choices, in order of memory saved (and time added), each setting every recompute
+field: none, the MoE layers (--moe-layer-recompute), every layer (full, uniform runs of one layer)."""
 
 PLANNER_CHOOSES = dict(
     tensor_model_parallel_size=1, sequence_parallel=False, pipeline_model_parallel_size=1,
     virtual_pipeline_model_parallel_size=None, num_layers_per_virtual_pipeline_stage=None,
     decoder_first_pipeline_num_layers=None, decoder_last_pipeline_num_layers=None,
-    expert_model_parallel_size=1, expert_tensor_parallel_size=None, micro_batch_size=1,
-    recompute_granularity=None, recompute_method=None, recompute_num_layers=None, moe_layer_recompute=False)
+    expert_model_parallel_size=1, expert_tensor_parallel_size=None, micro_batch_size=1, **_NO_RECOMPUTE)
 """The flags --plan sets itself (a config's own values are replaced, not validated)."""
 
 
@@ -778,10 +780,7 @@ def plan(cfg, nodes: int, gpus_per_node: int, budget_gib: float, **hw) -> tuple[
             for mbs in MICRO_BATCH_SIZES:
                 valid = fits = False
                 for name in recompute:
-                    c = with_layout(cfg, world, P, V, tp, etp, ep, mbs, ends=ends,
-                                    training={"moe_layer_recompute": False, "recompute_granularity": None,
-                                              "recompute_method": None, "recompute_num_layers": None,
-                                              **RECOMPUTE[name]})
+                    c = with_layout(cfg, world, P, V, tp, etp, ep, mbs, ends=ends, training=RECOMPUTE[name])
                     if c is None:
                         continue
                     valid = True
@@ -826,11 +825,17 @@ def layout_flags(c) -> list[str]:
 
 
 def layout_text(r: dict) -> str:
+    """'T=4+SP P=4 V=7 DP=8 EP=8 ETP=1 EDP=4 mbs=1'; uneven pipeline ends as 'P=16 (2+..+3)'."""
     vp = f" V={r['vp']}" if r["vp"] > 1 else ""
-    tp = f"T={r['tp']}{'+SP' if r['sp'] else ''} " if r["tp"] > 1 else ""
-    etp = f" ETP={r['etp']}" if r["etp"] > 1 else ""
-    return (f"{tp}P={r['pp']}{vp} DP={r['dp']} EP={r['ep']}{etp} EDP={r['edp']} mbs={r['mbs']} "
-            f"{r['precision']}{' +distopt' if r['distributed_optimizer'] else ''}")
+    first, last = r["stage_ends"]
+    vp += f" ({first}+..+{last})" if first is not None else ""
+    etp = f" ETP={r['etp']}" if r["ep"] > 1 or r["etp"] > 1 else ""
+    return (f"T={r['tp']}{'+SP' if r['sp'] else ''} P={r['pp']}{vp} DP={r['dp']} EP={r['ep']}{etp} "
+            f"EDP={r['edp']} mbs={r['mbs']}")
+
+
+def precision_text(r: dict) -> str:
+    return f"{r['precision']}{' +distopt' if r['distributed_optimizer'] else ''}"
 
 
 # ---------------------------------------------------------------- command line
@@ -867,10 +872,12 @@ def print_estimate(r: dict, nodes: int, gpus_per_node: int, overlap: bool) -> No
 def print_fit(rows, budget_gib: float) -> None:
     print(f"smallest layout per world size (fits: <= {budget_gib:g} GiB per GPU)")
     for world, smallest, best in rows:
-        print(f"  {world:5d} GPUs: least memory {smallest['memory_gib']:6.1f} GiB with {layout_text(smallest)}")
+        print(f"  {world:5d} GPUs: least memory {smallest['memory_gib']:6.1f} GiB with {layout_text(smallest)} "
+              f"{precision_text(smallest)}")
         if best:
             print(f"             fastest that fits: {best['memory_gib']:.1f} GiB, {best['tokens_per_s']:.0f} tokens/s, "
-                  f"MFU {100 * best['mfu']:.1f}%, bubble {100 * best['bubble']:.1f}%, {layout_text(best)}")
+                  f"MFU {100 * best['mfu']:.1f}%, bubble {100 * best['bubble']:.1f}%, {layout_text(best)} "
+                  f"{precision_text(best)}")
     if rows and rows[-1][2]:
         print(f"fits from {rows[-1][0]} GPUs")
     else:
@@ -892,14 +899,14 @@ def print_plan(fitting: list[dict], tried: int, smallest: Optional[dict], cfg, c
     if not fitting:
         if smallest is not None:
             print(f"nothing fits: the least memory is {gib_text(smallest['memory_gib'])} GiB per GPU with "
-                  f"{plan_layout_text(smallest)}, recompute {smallest['recompute']}; add nodes or use a "
+                  f"{layout_text(smallest)}, recompute {smallest['recompute']}; add nodes or use a "
                   f"larger --gpu-memory-gib")
         else:
             print("no valid layout for this world size (check the divisibility of layers, heads and experts)")
         return False
     header = ("#", "layout", "recompute", "memory GiB", "bubble", "a2a GiB/GPU", "TP GiB/GPU", "step s",
               "tokens/s", "MFU")
-    rows = [(str(i + 1), plan_layout_text(r), r["recompute"], gib_text(r["memory_gib"]), f"{100 * r['bubble']:.1f}%",
+    rows = [(str(i + 1), layout_text(r), r["recompute"], gib_text(r["memory_gib"]), f"{100 * r['bubble']:.1f}%",
              gib_text(r["a2a_bytes_per_gpu"] / GIB), gib_text(r["tp_bytes_per_gpu"] / GIB), f"{r['step_s']:.3g}",
              f"{r['tokens_per_s']:.0f}", f"{100 * r['mfu']:.1f}%") for i, r in enumerate(fitting[:top])]
     widths = [max(len(x[j]) for x in [header, *rows]) for j in range(len(header))]
@@ -920,15 +927,6 @@ def count_text(n: float) -> str:
 def gib_text(x: float) -> str:
     """GiB with one decimal from 10 up, three significant digits below (tiny models)."""
     return f"{x:.1f}" if x >= 10 or x == 0 else f"{x:.3g}"
-
-
-def plan_layout_text(r: dict) -> str:
-    vp = f" V={r['vp']}" if r["vp"] > 1 else ""
-    tp = f"T={r['tp']}{'+SP' if r['sp'] else ''}"
-    etp = f" ETP={r['etp']}" if r["ep"] > 1 or r["etp"] > 1 else ""
-    first, last = r["cfg"].parallel.decoder_first_pipeline_num_layers, r["cfg"].parallel.decoder_last_pipeline_num_layers
-    vp += f" ({first}+..+{last})" if first is not None else ""
-    return f"{tp} P={r['pp']}{vp} DP={r['dp']} EP={r['ep']}{etp} EDP={r['edp']} mbs={r['mbs']}"
 
 
 def main(argv=None) -> None:

@@ -253,9 +253,7 @@ def every_layout(c, world: int, gpus_per_node: int):
         for tp, etp, ep in est.tensor_layouts(c, world // P, max_tp=gpus_per_node):
             for mbs in est.MICRO_BATCH_SIZES:
                 for name, training in est.RECOMPUTE.items():
-                    base = {"moe_layer_recompute": False, "recompute_granularity": None,
-                            "recompute_method": None, "recompute_num_layers": None}
-                    d = est.with_layout(c, world, P, V, tp, etp, ep, mbs, training={**base, **training}, ends=ends)
+                    d = est.with_layout(c, world, P, V, tp, etp, ep, mbs, training=training, ends=ends)
                     if d is not None:
                         yield name, est.estimate(d, gpus_per_node, world // gpus_per_node, **HW)
 
